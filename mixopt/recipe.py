@@ -1,0 +1,455 @@
+"""Recipe: the YAML file that says what to fine-tune on, which domains to protect and how to allocate.
+
+One small pydantic model per YAML section, one top model (`Recipe`) with `load_recipe`. Unknown keys are
+rejected everywhere so a typo never passes silently. Cross-field checks live in the models, so library
+callers get them too. `recipes/README.md` documents every field.
+
+Example:
+    >>> from mixopt.recipe import load_recipe
+    >>> recipe = load_recipe("recipes/quickstart.yaml")            # doctest: +SKIP
+    >>> recipe.sts.top_k, recipe.allocation.objective              # doctest: +SKIP
+    (100, 'minimax')
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import re
+import string
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+
+from mixopt.errors import RecipeError
+
+Share = Annotated[float, Field(ge=0.0, le=1.0)]
+Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=64)]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class SourceSpec(Section):
+    """Where rows come from: local file(s), a `save_to_disk` folder, or a hub dataset."""
+
+    path: str | list[str] | None = None  # file(s) or folder, relative to the recipe file
+    hub: str | None = None  # hub dataset id, e.g. "openai/gsm8k"
+    config: str | None = None  # hub config name, e.g. "main"
+    split: str | None = None  # hub split, or the split of a saved DatasetDict; default "train"
+    format: Literal["auto", "json", "csv", "parquet", "arrow"] = "auto"
+    columns: list[str] | None = None  # names for a header-less CSV (e.g. MMLU)
+
+    @model_validator(mode="after")
+    def _one_location(self) -> SourceSpec:
+        if (self.path is None) == (self.hub is None):
+            raise ValueError("give exactly one of 'path' (local file or folder) or 'hub' (dataset id)")
+        if self.hub is None and self.config is not None:
+            raise ValueError("'config' applies to hub datasets only; remove it or use 'hub'")
+        return self
+
+    def paths(self, base_dir: Path) -> list[Path]:
+        """The local paths, resolved against the recipe's folder (empty for hub sources)."""
+        if self.path is None:
+            return []
+        raw = [self.path] if isinstance(self.path, str) else self.path
+        paths: list[Path] = []
+        for pattern in raw:
+            full = base_dir / os.path.expanduser(pattern)
+            if glob.has_magic(pattern):  # e.g. mmlu/test/*.csv; sorted, so row order is stable
+                paths += sorted(Path(p).resolve() for p in glob.glob(str(full)))
+            else:
+                paths.append(full.resolve())
+        return paths
+
+
+def template_fields(template: str) -> list[str]:
+    """Column names a `str.format` template uses: ``"{question}\\n{answer}"`` -> ``["question", "answer"]``."""
+    fields = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    return [name.split(".")[0].split("[")[0] for name in fields]
+
+
+def _check_template(template: str | None, field: str) -> None:
+    if template is None:
+        return
+    try:
+        fields = template_fields(template)
+    except ValueError as err:  # unbalanced braces
+        raise ValueError(f"{field} template is not a valid format string ({err}); escape braces as {{{{ }}}}")
+    if any(name == "" or name.isdigit() for name in fields):
+        raise ValueError(f"{field} template must name columns, e.g. '{{question}}', not '{{}}'")
+
+
+class TextTemplates(Section):
+    """How a row becomes text: either `text`, or `prompt` + `response` (chat style)."""
+
+    text: str | None = None
+    prompt: str | None = None
+    response: str | None = None
+
+    @model_validator(mode="after")
+    def _templates(self) -> TextTemplates:
+        for field in ("text", "prompt", "response"):
+            _check_template(getattr(self, field), field)
+        chat = self.prompt is not None or self.response is not None
+        if chat and (self.prompt is None or self.response is None):
+            raise ValueError("give both 'prompt' and 'response' templates (or a single 'text' template)")
+        if chat == (self.text is not None):
+            raise ValueError("give either a 'text' template or 'prompt' + 'response' templates, not both")
+        return self
+
+    @property
+    def is_chat(self) -> bool:
+        return self.prompt is not None
+
+    def columns(self) -> list[str]:
+        templates = [self.text] if self.text is not None else [self.prompt, self.response]
+        return sorted({name for t in templates for name in template_fields(t or "")})
+
+
+class ModelSpec(Section):
+    path: str  # built-in alias, hub id, local folder, or .gguf file
+    revision: str | None = None  # hub revision (branch, tag or commit)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    device: str = "auto"  # auto: CUDA when present, else CPU
+
+    @model_validator(mode="after")
+    def _device(self) -> ModelSpec:
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
+            raise ValueError(f"device '{self.device}' is not one of auto, cpu, mps, cuda, cuda:N")
+        return self
+
+
+class SAESpec(Section):
+    path: str | None = None  # built-in alias or local folder in sae-lens format
+    release: str | None = None  # sae-lens release, with `id`
+    id: str | None = None
+    layer: Annotated[int, Field(ge=0)]  # hook: residual stream after block `layer` (hidden_states[layer + 1])
+
+    @model_validator(mode="after")
+    def _one_location(self) -> SAESpec:
+        if (self.path is None) == (self.release is None):
+            raise ValueError("give exactly one of 'path' (local folder or built-in) or 'release' + 'id'")
+        if (self.release is None) != (self.id is None):
+            raise ValueError("'release' and 'id' go together (sae-lens pretrained SAE)")
+        return self
+
+
+class TargetSpec(TextTemplates):
+    """The fine-tuning data whose effect we forecast."""
+
+    name: Name = "target"
+    source: SourceSpec
+    max_examples: Annotated[int, Field(gt=0)] | None = None
+    icl_demos: Annotated[int, Field(ge=0, le=16)] = 2  # m demonstrations per query for the shift
+    seed: int | None = None  # demonstration choice; defaults to the recipe's seed
+
+    @model_validator(mode="after")
+    def _chat(self) -> TargetSpec:
+        if not self.is_chat:
+            raise ValueError("the target needs 'prompt' and 'response' templates (what the model is trained on)")
+        return self
+
+
+class DomainSpec(TextTemplates):
+    """A candidate domain: a capability the fine-tune may move, and replay data that protects it."""
+
+    name: Name
+    source: SourceSpec
+    max_examples: Annotated[int, Field(gt=0)] | None = None
+    min_share: Share = 0.0  # of the replay part of the mixture (the budget minus the target's part)
+    max_share: Share = 1.0
+    groups: list[Name] = []  # tags used by allocation.groups
+    icl_demos: Annotated[int, Field(ge=0, le=16)] = 5  # worked examples per query, `icl` score only
+
+    @model_validator(mode="after")
+    def _shares(self) -> DomainSpec:
+        if self.min_share > self.max_share:
+            raise ValueError(
+                f"min_share {self.min_share:g} > max_share {self.max_share:g}; lower min_share or raise max_share"
+            )
+        return self
+
+
+class STSSpec(Section):
+    score: Literal["act", "act_sq", "icl"] = "act"  # STS variant (DESIGN.md section 3)
+    top_k: Annotated[int, Field(gt=0)] = 100  # shifted latents kept
+    target_tokens: Annotated[int, Field(gt=0)] = 20_000  # target tokens for the shift estimate
+    domain_tokens: Annotated[int, Field(gt=0)] = 10_000  # tokens scored per domain
+    max_length: Annotated[int, Field(gt=0)] = 512  # longer examples are truncated
+    batch_tokens: Annotated[int, Field(gt=0)] = 4096  # padded tokens per forward batch
+    bootstrap: Annotated[int, Field(ge=0)] = 1000  # resamples for each domain's 95% interval
+
+
+class GroupConstraint(Section):
+    tag: Name
+    min_share: Share = 0.0  # of the replay part, summed over the domains tagged `tag`
+    max_share: Share = 1.0
+
+    @model_validator(mode="after")
+    def _shares(self) -> GroupConstraint:
+        if self.min_share > self.max_share:
+            raise ValueError(f"group '{self.tag}': min_share {self.min_share:g} > max_share {self.max_share:g}")
+        return self
+
+
+class AllocationSpec(Section):
+    budget: Annotated[int, Field(gt=0)] | None = None  # total mixture size; `--budget` overrides
+    unit: Literal["examples", "tokens"] = "examples"
+    objective: Literal["minimax", "utility", "proportional"] = "minimax"
+    target_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.5  # the target's share of the budget
+    max_epochs: Annotated[float, Field(gt=0)] = 1.0  # no domain repeated more than this
+    prior: Literal["uniform", "natural"] = "uniform"  # KL anchor of `minimax`
+    alpha: Annotated[float, Field(gt=0)] = 1.0  # diminishing-returns exponent of `minimax`
+    kl_weight: Annotated[float, Field(ge=0, alias="lambda")] = 0.1  # lambda: pull towards the prior
+    scale: Annotated[float, Field(gt=0)] | None = None  # c_i; default: replay budget / number of domains
+    count: Literal["response", "all"] = "response"  # which tokens a token budget counts
+    groups: list[GroupConstraint] = []
+    stability: Annotated[int, Field(ge=0)] = 50  # bootstrap re-solves for share intervals (0: off)
+
+
+class OutputSpec(Section):
+    dir: str | None = None  # default: runs/<recipe file stem>, relative to the current folder
+    formats: list[Literal["arrow", "parquet"]] = ["arrow"]
+
+
+class Recipe(Section):
+    """A whole plan recipe. Build with `load_recipe(path)` so relative paths and `${VAR:-default}` resolve."""
+
+    kind: Literal["plan"] = "plan"
+    description: str | None = None
+    seed: int = 0
+    model: ModelSpec
+    sae: SAESpec
+    target: TargetSpec
+    domains: Annotated[list[DomainSpec], Field(min_length=1)]
+    sts: STSSpec = STSSpec()
+    allocation: AllocationSpec = AllocationSpec()
+    output: OutputSpec = OutputSpec()
+
+    _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
+    _file: Path | None = PrivateAttr(default=None)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Recipe:
+        names = [d.name for d in self.domains]
+        if dupes := sorted({n for n in names if names.count(n) > 1}):
+            raise ValueError(f"domain names must be unique; repeated: {', '.join(dupes)}")
+        if self.target.name in names:
+            raise ValueError(f"target.name '{self.target.name}' is also a domain name; rename one")
+        if (total := sum(d.min_share for d in self.domains)) > 1 + 1e-9:
+            raise ValueError(f"domains' min_share sum to {total:.2f} > 1; lower some min_share")
+        if (total := sum(d.max_share for d in self.domains)) < 1 - 1e-9:
+            raise ValueError(f"domains' max_share sum to {total:.2f} < 1, so shares cannot sum to 1; raise some")
+        tags = {tag for d in self.domains for tag in d.groups}
+        for group in self.allocation.groups:
+            if group.tag not in tags:
+                raise ValueError(f"allocation.groups tag '{group.tag}' is on no domain; add it to a domain's groups")
+        return self
+
+    @property
+    def base_dir(self) -> Path:
+        """Folder that relative source paths resolve against (the recipe file's folder)."""
+        return self._base_dir
+
+    @property
+    def file(self) -> Path | None:
+        return self._file
+
+    @property
+    def stem(self) -> str:
+        return self._file.stem if self._file else "recipe"
+
+    @property
+    def target_seed(self) -> int:
+        return self.seed if self.target.seed is None else self.target.seed
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True)
+
+    def sha256(self) -> str:
+        """Content hash of the validated recipe (defaults filled in, env vars expanded, keys sorted).
+
+        Formatting, comments and key order do not change it; any value that changes the result does.
+        """
+        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+    def with_overrides(self, **allocation: Any) -> Recipe:
+        """A copy with allocation fields replaced (e.g. budget from the command line); None values skipped."""
+        updates = {k: v for k, v in allocation.items() if v is not None}
+        if not updates:
+            return self
+        data = self.to_dict()
+        data["allocation"].update({AllocationSpec.model_fields[k].alias or k: v for k, v in updates.items()})
+        return _validated(data, self._file, self._base_dir, yaml_root=None)
+
+
+class CorpusSpec(TextTemplates):
+    """Text an SAE is trained on."""
+
+    source: SourceSpec
+    max_examples: Annotated[int, Field(gt=0)] | None = None
+
+
+class SAEArchitectureSpec(Section):
+    architecture: Literal["topk", "standard"] = "topk"  # topk: L0 fixed at k, no L1 tuning, few dead latents
+    d_sae: Annotated[int, Field(gt=0)] = 4608  # latents (8x the embedded model's width)
+    k: Annotated[int, Field(gt=0)] = 32  # active latents per token (topk)
+    l1_coefficient: Annotated[float, Field(gt=0)] = 5.0  # sparsity penalty (standard)
+
+
+class SAETrainingSpec(Section):
+    tokens: Annotated[int, Field(gt=0)] = 2_000_000  # activations collected from the corpus
+    epochs: Annotated[float, Field(gt=0)] = 3.0  # passes over the collected activations
+    batch_size: Annotated[int, Field(gt=0)] = 4096  # activations per optimizer step
+    lr: Annotated[float, Field(gt=0)] = 4e-4
+    holdout: Annotated[float, Field(gt=0, lt=0.5)] = 0.05  # share of activations kept for the quality report
+    max_length: Annotated[int, Field(gt=0)] = 512
+    batch_tokens: Annotated[int, Field(gt=0)] = 4096  # padded tokens per forward batch
+    checkpoints: Annotated[int, Field(ge=0)] = 4  # a stopped run resumes from the last one
+
+
+class SAETrainRecipe(Section):
+    """`mixopt sae train` recipe: which model, layer and text to train an SAE on, and where to put it."""
+
+    kind: Literal["sae-train"]
+    description: str | None = None
+    seed: int = 0
+    model: ModelSpec
+    layer: Annotated[int, Field(ge=0)]  # residual stream after this block
+    data: Annotated[list[CorpusSpec], Field(min_length=1)]
+    sae: SAEArchitectureSpec = SAEArchitectureSpec()
+    training: SAETrainingSpec = SAETrainingSpec()
+    output: str  # folder the SAE is saved to (sae-lens format), relative to the recipe file
+
+    _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
+    _file: Path | None = PrivateAttr(default=None)
+
+    @property
+    def base_dir(self) -> Path:
+        return self._base_dir
+
+    def sha256(self) -> str:
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+_ENV = re.compile(r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?::-(?P<default>[^}]*))?\}")
+
+
+def expand_env(value: str) -> str:
+    """Expand ``${VAR}`` and ``${VAR:-default}`` (as in a shell); an unset VAR without default is an error."""
+
+    def substitute(match: re.Match[str]) -> str:
+        name, default = match["name"], match["default"]
+        if name in os.environ and (os.environ[name] or default is None):
+            return os.environ[name]
+        if default is None:
+            raise ValueError(f"environment variable {name} is not set; set it or write ${{{name}:-default}}")
+        return default
+
+    return _ENV.sub(substitute, value)
+
+
+def _expand_all(node: Any, loc: tuple[str | int, ...] = ()) -> Any:
+    if isinstance(node, dict):
+        return {k: _expand_all(v, (*loc, k)) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_expand_all(v, (*loc, i)) for i, v in enumerate(node)]
+    if isinstance(node, str):
+        try:
+            return expand_env(node)
+        except ValueError as err:
+            raise RecipeError(str(err), field=".".join(map(str, loc))) from None
+    return node
+
+
+def yaml_line(root: yaml.Node | None, loc: tuple[str | int, ...]) -> int | None:
+    """1-based line of the YAML node at `loc` (the deepest node that exists), for editor annotations."""
+    node, line = root, None
+    for key in loc:
+        if isinstance(node, yaml.MappingNode):
+            match = [(k, v) for k, v in node.value if k.value == key]
+            if not match:
+                break
+            line = match[0][0].start_mark.line + 1
+            node = match[0][1]
+        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
+            node = node.value[key]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return line if line is not None else (root.start_mark.line + 1 if root is not None else None)
+
+
+def _friendly(error: dict[str, Any]) -> str:
+    kind, msg = error["type"], error["msg"]
+    if kind == "extra_forbidden":
+        return "unknown key (check its spelling against recipes/README.md)"
+    if kind == "missing":
+        return "required field is missing"
+    if kind == "value_error":
+        return msg.removeprefix("Value error, ")
+    return f"{msg} (got {error.get('input')!r})" if "input" in error and not isinstance(error["input"], dict) else msg
+
+
+def _validated(data: Any, file: Path | None, base_dir: Path, yaml_root: yaml.Node | None) -> Any:
+    schema: type[BaseModel] = SAETrainRecipe if data.get("kind") == "sae-train" else Recipe
+    try:
+        recipe = schema.model_validate(data)
+    except ValidationError as err:
+        first = err.errors()[0]
+        # Drop pydantic's union-branch labels (e.g. "list[str]") so the path reads as the YAML does.
+        loc = tuple(p for p in first["loc"] if isinstance(p, int) or not re.search(r"[\[\]()]", str(p)))
+        raise RecipeError(
+            _friendly(first), file=str(file) if file else None, field=".".join(map(str, loc)) or "(root)",
+            line=yaml_line(yaml_root, loc),
+        ) from None
+    recipe._base_dir = base_dir
+    recipe._file = file
+    return recipe
+
+
+def load_recipe(path: str | os.PathLike[str]) -> Recipe:
+    """Read, expand and validate a plan recipe. Raises RecipeError with the file, field and line."""
+    recipe = load_any_recipe(path)
+    if not isinstance(recipe, Recipe):
+        raise RecipeError("this is an SAE training recipe; run it with `mixopt sae train`", file=str(path))
+    return recipe
+
+
+def load_sae_recipe(path: str | os.PathLike[str]) -> SAETrainRecipe:
+    """Read, expand and validate an SAE training recipe (`kind: sae-train`)."""
+    recipe = load_any_recipe(path)
+    if not isinstance(recipe, SAETrainRecipe):
+        raise RecipeError("not an SAE training recipe: add `kind: sae-train` (see recipes/README.md)", file=str(path))
+    return recipe
+
+
+def load_any_recipe(path: str | os.PathLike[str]) -> Recipe | SAETrainRecipe:
+    """Read, expand and validate a recipe of either kind (a plan recipe, or `kind: sae-train`)."""
+    file = Path(path)
+    if not file.is_file():
+        raise RecipeError("recipe file not found; check the path", file=str(file))
+    text = file.read_text(encoding="utf-8")
+    try:
+        root = yaml.compose(text)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = mark.line + 1 if mark else None
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise RecipeError(f"invalid YAML at line {line}: {problem}", file=str(file), line=line) from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"YAML root must be a mapping, got {type(data).__name__}", file=str(file), line=1)
+    try:
+        data = _expand_all(data)
+    except RecipeError as err:
+        raise RecipeError(err.detail, file=str(file), field=err.field) from None
+    return _validated(data, file, file.resolve().parent, root)

@@ -1,0 +1,102 @@
+"""Tiny real components built in-process: a byte-level BPE tokenizer with a ChatML template, a 2-layer
+Llama with random weights, a sae-lens SAE with random weights, and small JSONL sources. Everything a test
+needs to run the real pipeline in seconds, with no hub."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+CORPUS = [
+    "Tom has 3 apples and buys 4 more. How many apples does he have? 3 + 4 = 7. #### 7",
+    "The court ruled that the contract was void because one party lacked capacity.",
+    "Water boils at 100 degrees Celsius at sea level; salt raises the boiling point.",
+    "def add(a, b): return a + b  # a Python function that adds two numbers",
+    "The treaty ended the war in 1648 and reshaped the map of Europe.",
+]
+
+
+def tiny_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS * 4, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<|im_end|>")
+    fast.chat_template = CHATML
+    return fast
+
+
+def tiny_llama(vocab_size: int, layers: int = 2, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                         pad_token_id=0)
+    return LlamaForCausalLM(config).eval()
+
+
+def tiny_sae(d_in: int = 32, d_sae: int = 64, layer: int = 1, seed: int = 0):
+    from sae_lens import StandardSAE, StandardSAEConfig
+
+    torch.manual_seed(seed)
+    sae = StandardSAE(StandardSAEConfig(d_in=d_in, d_sae=d_sae))
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.normal_(0, 0.3)
+    sae.cfg.metadata.hook_name = f"blocks.{layer}.hook_resid_post"
+    return sae.eval()
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def write_workspace(root: Path, layer: int = 1) -> Path:
+    """Model, SAE, sources and a recipe under `root`; returns the recipe path."""
+    tokenizer = tiny_tokenizer()
+    model = tiny_llama(len(tokenizer))
+    model.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    tiny_sae(layer=layer).save_model(root / "sae")
+    data = root / "data"
+    data.mkdir()
+    write_jsonl(data / "math.jsonl", [{"q": f"What is {a} plus {a + 3}?", "a": f"{a} + {a + 3} = {2 * a + 3}. #### {2 * a + 3}"}
+                                      for a in range(40)])
+    topics = {"law": "The court held that clause {i} of the contract was void.",
+              "chem": "Compound {i} boils at {i}0 degrees and dissolves in water.",
+              "code": "def f{i}(x): return x * {i}  # multiply by {i}"}
+    for name, pattern in topics.items():
+        write_jsonl(data / f"{name}.jsonl", [{"text": pattern.format(i=i)} for i in range(30)])
+    recipe = root / "recipe.yaml"
+    domains = "\n".join(f"  - {{name: {n}, source: {{path: data/{n}.jsonl}}, text: '{{text}}'}}" for n in topics)
+    recipe.write_text(f"""\
+seed: 0
+model: {{path: ./model}}
+sae: {{path: ./sae, layer: {layer}}}
+target:
+  name: math
+  source: {{path: data/math.jsonl}}
+  prompt: "{{q}}"
+  response: "{{a}}"
+domains:
+{domains}
+sts: {{top_k: 8, target_tokens: 300, domain_tokens: 200, batch_tokens: 256, bootstrap: 50}}
+allocation: {{budget: 60, target_fraction: 0.5, max_epochs: 2, stability: 5}}
+output: {{dir: out, formats: [arrow, parquet]}}
+""")
+    return recipe
