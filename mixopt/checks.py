@@ -33,7 +33,7 @@ def _located(err: MixoptError, file: Path, field: str) -> RecipeError:
     except yaml.YAMLError:
         root = None
     loc = tuple(int(p) if p.isdigit() else p for p in field.split("."))
-    message = str(err)
+    message = str(err).removeprefix(f"{field}: ")  # the field is said once, by RecipeError
     return RecipeError(message, file=str(file), field=field, line=yaml_line(root, loc))
 
 
@@ -92,27 +92,51 @@ def _check_model_and_sae(recipe: Recipe | SAETrainRecipe) -> tuple[str, MixoptEr
     return None
 
 
-def check_recipe(file: Path) -> RecipeError | None:
-    """The first problem with a recipe file, or None if it is fine."""
-    try:
-        recipe = load_any_recipe(file)
-    except RecipeError as err:
-        return err
+class _Located(MixoptError):
+    """A problem found at a recipe field (dotted path)."""
+
+    def __init__(self, field: str, error: MixoptError):
+        super().__init__(str(error))
+        self.field, self.error = field, error
+
+
+def _static_problems(recipe: Recipe | SAETrainRecipe) -> None:
+    """Raise _Located for the first problem: model/SAE, sources and columns, then feasibility."""
     if located := _check_model_and_sae(recipe):
-        return _located(located[1], file, located[0])
+        raise _Located(*located)
     available: dict[str, int] = {}
     for field, source, templates, cap in _sections(recipe):
         try:
             rows = _check_source(source, templates, recipe.base_dir, field)
         except MixoptError as err:
-            return _located(err, file, field)
-        name = recipe.target.name if field == "target.source" else field
-        if isinstance(recipe, Recipe) and field.startswith("domains."):
-            name = recipe.domains[int(field.split(".")[1])].name
+            raise _Located(field, err) from None
+        name = field
+        if isinstance(recipe, Recipe):
+            name = recipe.target.name if field == "target.source" else recipe.domains[int(field.split(".")[1])].name
         available[name] = min(rows, cap) if cap and rows >= 0 else rows
     if isinstance(recipe, Recipe):
         try:
             _check_feasible(recipe, available)
         except MixoptError as err:
-            return _located(err, file, "allocation")
+            raise _Located("allocation", err) from None
+
+
+def check_static(recipe: Recipe) -> None:
+    """Everything `mixopt check` verifies, on an in-memory recipe (e.g. with --budget applied): raises
+    the first problem as a MixoptError naming the field. `plan` calls it before loading the model."""
+    try:
+        _static_problems(recipe)
+    except _Located as err:
+        raise MixoptError(f"{err.field}: {err}") from None
+
+
+def check_recipe(file: Path) -> RecipeError | None:
+    """The first problem with a recipe file, or None if it is fine."""
+    try:
+        recipe = load_any_recipe(file)
+        _static_problems(recipe)
+    except RecipeError as err:
+        return err
+    except _Located as err:
+        return _located(err.error, file, err.field)
     return None

@@ -101,6 +101,95 @@ def score(recipe: Path, out: Path | None, as_json: bool) -> None:
         click.echo(f"scores written to {out}", err=True)
 
 
+def _budget_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Options shared by `plan` and `solve`: they override the recipe's allocation section."""
+    options = [
+        click.option("--budget", type=click.IntRange(min=1), help="Mixture size (overrides allocation.budget)."),
+        click.option("--unit", type=click.Choice(["examples", "tokens"]), help="Budget unit."),
+        click.option("--objective", type=click.Choice(["minimax", "utility", "proportional"]), help="Objective."),
+        click.option("--alpha", type=click.FloatRange(min=0, min_open=True), help="Diminishing-returns exponent."),
+        click.option("--lambda", "kl_weight", type=click.FloatRange(min=0), help="KL weight towards the prior."),
+        click.option("--prior", type=click.Choice(["uniform", "natural"]), help="KL anchor of minimax."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+@cli.command()
+@click.argument("recipe", type=click.Path(path_type=Path))
+@_budget_options
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+              help="Output folder (default: the recipe's output.dir, else runs/<recipe name>).")
+@click.option("--force", is_flag=True, help="Replace an existing output folder.")
+@click.option("--seed", type=int, help="Override the recipe's seed (demonstrations, sampling, shuffling).")
+@click.option("--dry-run", is_flag=True, help="Score and solve, print the allocation, write nothing.")
+@user_errors
+def plan(recipe: Path, out: Path | None, force: bool, seed: int | None, dry_run: bool, **allocation: Any) -> None:
+    """The whole pipeline: score the domains of RECIPE, solve the allocation, write the mixture.
+
+    Writes OUT/mixture (datasets save_to_disk), OUT/parquet, OUT/manifest.json, OUT/scores.json,
+    OUT/allocation.json, OUT/exports (LLaMA-Factory, axolotl, Megatron), OUT/plots and OUT/README.md,
+    all at once (a temp folder renamed into place).
+
+    \b
+    e.g. mixopt plan recipes/quickstart.yaml --budget 2000
+         mixopt plan recipes/quickstart.yaml --budget 500000 --unit tokens --out runs/q --force
+    """
+    from mixopt.pipeline import plan_recipe
+    from mixopt.recipe import load_recipe
+
+    spec = load_recipe(recipe).with_overrides(seed=seed, **allocation)
+    target = out or output_dir(spec)
+    result = plan_recipe(spec, target, force=force, dry_run=dry_run)
+    click.echo(result.scores.table())
+    click.echo("")
+    click.echo(result.allocation.table())
+    if result.out is None:
+        click.echo("\ndry run: nothing written")
+        return
+    click.echo(f"\nmixture: {result.out / 'mixture'} ({result.rows:,} rows, sha256 {result.content_sha256[:16]})")
+    click.echo(f"manifest: {result.out / 'manifest.json'}")
+    click.echo(f"report: {result.out / 'README.md'}")
+
+
+@cli.command()
+@click.argument("scores", type=click.Path(dir_okay=False, path_type=Path))
+@_budget_options
+@click.option("--recipe", type=click.Path(path_type=Path), help="Take constraints (shares, groups, epochs) from it.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write allocation.json here.")
+@user_errors
+def solve(scores: Path, recipe: Path | None, out: Path | None, **allocation: Any) -> None:
+    """Allocate a budget across the domains of SCORES (from `mixopt score`), no model needed.
+
+    \b
+    e.g. mixopt solve runs/quickstart/scores.json --budget 2000 --recipe recipes/quickstart.yaml
+         mixopt solve scores.json --budget 1000000 --unit tokens --objective utility --out allocation.json
+    """
+    from mixopt.recipe import AllocationSpec, load_recipe
+    from mixopt.scores import Scores
+    from mixopt.solver import limits_from_domains, solve_allocation
+
+    record = Scores.load(scores)
+    if recipe is not None:
+        spec = load_recipe(recipe).with_overrides(**allocation)
+        settings, limits, seed = spec.allocation, limits_from_domains(spec.domains), spec.seed
+    else:
+        updates = {AllocationSpec.model_fields[k].alias or k: v for k, v in allocation.items() if v is not None}
+        settings, limits, seed = AllocationSpec.model_validate(updates), None, 0
+    result = solve_allocation(record, settings, limits, seed=seed)
+    click.echo(result.table())
+    if out:
+        result.save(out)
+        click.echo(f"allocation written to {out}", err=True)
+
+
+def output_dir(recipe: Any) -> Path:
+    if recipe.output.dir is not None:
+        return (recipe.base_dir / recipe.output.dir).resolve()
+    return Path("runs") / recipe.stem
+
+
 @cli.command()
 def schema() -> None:
     """Print the recipe JSON Schema (for editors: `# yaml-language-server: $schema=recipe.schema.json`)."""

@@ -144,6 +144,9 @@ def load_model(spec: ModelSpec, base_dir: Path | None = None) -> LoadedModel:
     """Load model and tokenizer for inference on the recipe's device and dtype."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # mixopt draws its own bars; a per-load weight bar is noise
     source, identity = resolve_model_source(spec, base_dir or Path.cwd())
     device = resolve_device(spec.device)
     dtype = resolve_dtype(spec.dtype, device)

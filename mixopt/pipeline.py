@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import datasets
@@ -176,3 +177,120 @@ def _zero_like(stats: SourceStats) -> tuple[Any, Any]:
 
     n = len(stats.example_tokens)
     return (Reduction.empty(n, stats.latents.total.numel()), Reduction.empty(n, stats.resid.total.numel()))
+
+
+@dataclass
+class PlanResult:
+    scores: Scores
+    allocation: Any  # mixopt.solver.Allocation
+    out: Path | None  # None for a dry run
+    rows: int = 0
+    content_sha256: str = ""
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def _mixture_parts(recipe: Recipe, allocation: Any) -> list[Any]:
+    from mixopt.mixture import MixturePart
+
+    counts = {d.name: d.count for d in allocation.domains}
+    parts = [MixturePart(recipe.target.name, rendered_rows(recipe.target, recipe, "target"),
+                         allocation.target_count, sts.name_seed(recipe.seed, recipe.target.name))]
+    for i, domain in enumerate(recipe.domains):
+        if counts.get(domain.name, 0) > 0:
+            parts.append(MixturePart(domain.name, rendered_rows(domain, recipe, f"domains.{i}"), counts[domain.name],
+                                     sts.name_seed(recipe.seed, domain.name)))
+    return parts
+
+
+def manifest_record(recipe: Recipe, scores: Scores, allocation: Any, context: dict[str, Any],
+                    written: dict[str, Any], seconds: dict[str, float]) -> dict[str, Any]:
+    """Everything needed to say exactly how a mixture was made (DESIGN.md section 5)."""
+    from mixopt.manifest import checksums, versions
+    from mixopt.model import BUILTIN_MODELS, builtin_gguf
+    from mixopt.sae import resolve_sae_dir
+
+    model_files = (builtin_gguf(recipe.model.path) if recipe.model.path in BUILTIN_MODELS
+                   else (recipe.base_dir / recipe.model.path) if recipe.model.path.startswith((".", "/")) else None)
+    return {
+        "mixopt_manifest_version": 1,
+        "versions": versions(),
+        "recipe": {"file": str(recipe.file) if recipe.file else None, "sha256": recipe.sha256(),
+                   "resolved": recipe.to_dict()},
+        "model": {"path": recipe.model.path, "identity": context["model_identity"], "device": context["device"],
+                  "dtype": context["dtype"], "checksums": checksums(model_files)},
+        "sae": {"path": scores.sae, "identity": context["sae_identity"], "layer": recipe.sae.layer,
+                "checksums": checksums(resolve_sae_dir(recipe.sae, recipe.base_dir))},
+        "sts": {"score": scores.score, "top_k": scores.top_k, "icl_demos": recipe.target.icl_demos,
+                "seed": recipe.seed, "target_seed": recipe.target_seed, "shifted_latents": scores.shifted_latents,
+                "domains": [{"name": d.name, "sts": d.sts, "baseline": d.baseline, "similarity": d.similarity,
+                             "interval": d.interval} for d in scores.domains]},
+        "solver": {k: v for k, v in allocation.to_dict().items() if k != "domains"},
+        "allocation": [{"name": d.name, "count": d.count, "tokens": d.tokens, "share": d.share, "epochs": d.epochs}
+                       for d in allocation.domains],
+        "dataset": written,
+        "timings_seconds": {k: round(v, 3) for k, v in seconds.items()},
+    }
+
+
+def plan_recipe(recipe: Recipe, out: Path, force: bool = False, dry_run: bool = False) -> PlanResult:
+    """`mixopt plan`: score, solve, then write mixture, manifest, exports, plots and README atomically."""
+    from mixopt.exports import write_exports
+    from mixopt.manifest import check_output, staged_output, write_json
+    from mixopt.mixture import build_mixture, common_schema, write_mixture
+    from mixopt.plots import plot_allocation, plot_scores
+    from mixopt.report import write_run_readme
+    from mixopt.solver import limits_from_domains, solve_allocation
+    from mixopt.sources import content_hash
+
+    from mixopt.checks import check_static
+
+    if not dry_run:
+        check_output(out, force)  # fail before the expensive part
+    check_static(recipe)
+    timings = Timings()
+    scores, context = timings.timed("score", lambda: score_recipe(recipe, timings))
+    allocation = timings.timed("solve", lambda: solve_allocation(
+        scores, recipe.allocation, limits_from_domains(recipe.domains), seed=recipe.seed))
+    if dry_run:
+        return PlanResult(scores, allocation, None, seconds=timings.seconds)
+    with staged_output(out, force) as staged:
+        parts = _mixture_parts(recipe, allocation)
+        mixture = timings.timed("mixture", lambda: build_mixture(parts, recipe.seed))
+        files = timings.timed("write", lambda: write_mixture(mixture, staged, recipe.output.formats))
+        digest = content_hash(mixture)
+        counts = {recipe.target.name: allocation.target_count} | {d.name: d.count for d in allocation.domains}
+        available = {recipe.target.name: scores.target.available} | {d.name: d.available for d in scores.domains}
+        epochs = {name: counts[name] / max(available[name], 1) for name in counts}
+        schema = common_schema(parts)
+        if "parquet" in recipe.output.formats:  # the exports point at the per-domain parquet files
+            write_exports(staged, counts, epochs, schema)
+        (staged / "plots").mkdir()
+        ranked = scores.ranked()
+        plot_scores([d.name for d in ranked], [d.sts for d in ranked], [d.baseline for d in ranked],
+                    staged / "plots" / "sts.png")
+        shares = {d.name: d.share for d in allocation.domains}
+        shares = {recipe.target.name: 1 - sum(shares.values())} | shares  # in the budget's unit
+        plot_allocation(list(shares), list(shares.values()), staged / "plots" / "allocation.png",
+                        target=recipe.target.name)
+        write_run_readme(staged, allocation_markdown(scores, allocation), counts, epochs, schema, recipe.target.name)
+        scores.save(staged / "scores.json")
+        allocation.save(staged / "allocation.json")
+        written = {"rows": len(mixture), "content_sha256": digest, "schema": schema, "files": files}
+        write_json(staged / "manifest.json", manifest_record(recipe, scores, allocation, context, written,
+                                                             timings.seconds))
+    return PlanResult(scores, allocation, out, len(mixture), digest, timings.seconds)
+
+
+def allocation_markdown(scores: Scores, allocation: Any) -> str:
+    """The domain table (STS, baseline, allocation) as markdown, target first."""
+    by_name = {d.name: d for d in scores.domains}
+    lines = ["| domain | STS | 95% interval | raw baseline | count | share | epochs |",
+             "| --- | ---: | --- | ---: | ---: | ---: | ---: |",
+             f"| {scores.target.name} (target) | | | | {allocation.target_count} | "
+             f"{allocation.target_fraction:.1%} | |"]
+    for d in sorted(allocation.domains, key=lambda a: by_name[a.name].sts, reverse=True):
+        s = by_name[d.name]
+        lo, hi = s.interval or [float("nan")] * 2
+        lines.append(f"| {d.name} | {s.sts:.4g} | [{lo:.4g}, {hi:.4g}] | {s.baseline:.4g} | {d.count} | "
+                     f"{d.share:.1%} | {d.epochs:.2f} |")
+    return "\n".join(lines)

@@ -215,7 +215,7 @@ class AllocationSpec(Section):
 
 class OutputSpec(Section):
     dir: str | None = None  # default: runs/<recipe file stem>, relative to the current folder
-    formats: list[Literal["arrow", "parquet"]] = ["arrow"]
+    formats: list[Literal["arrow", "parquet"]] = ["arrow", "parquet"]  # trainer exports need parquet
 
 
 class Recipe(Section):
@@ -280,13 +280,15 @@ class Recipe(Section):
         canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 
-    def with_overrides(self, **allocation: Any) -> Recipe:
-        """A copy with allocation fields replaced (e.g. budget from the command line); None values skipped."""
-        updates = {k: v for k, v in allocation.items() if v is not None}
-        if not updates:
+    def with_overrides(self, seed: int | None = None, **allocation: Any) -> Recipe:
+        """A copy with the seed and allocation fields replaced (e.g. from the command line); None skipped."""
+        updates = {AllocationSpec.model_fields[k].alias or k: v for k, v in allocation.items() if v is not None}
+        if seed is None and not updates:
             return self
         data = self.to_dict()
-        data["allocation"].update({AllocationSpec.model_fields[k].alias or k: v for k, v in updates.items()})
+        data["allocation"].update(updates)
+        if seed is not None:
+            data["seed"] = seed
         return _validated(data, self._file, self._base_dir, yaml_root=None)
 
 

@@ -109,7 +109,7 @@ def activation_key(recipe: SAETrainRecipe, lm: LoadedModel) -> str:
     """Activations depend on model, layer, corpus and limits, not on the SAE's shape: a sweep reuses them."""
     fields = {"model": lm.identity, "layer": recipe.layer, "data": [d.model_dump(mode="json") for d in recipe.data],
               "base": str(recipe.base_dir), "seed": recipe.seed,
-              "limits": recipe.training.model_dump(include={"tokens", "max_length"})}
+              "max_length": recipe.training.max_length}  # not `tokens`: a longer run extends the same stream
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -102,7 +102,7 @@ def content_hash(table: datasets.Dataset | pa.Table) -> str:
     """
     if isinstance(table, datasets.Dataset):
         table = table.with_format("arrow")[:]
-    digest = hashlib.sha256(table.schema.to_string().encode())
+    digest = hashlib.sha256(table.schema.to_string(show_schema_metadata=False).encode())
     # Re-chunk first: IPC bytes depend on chunk boundaries, which differ between equal tables.
     for batch in table.combine_chunks().to_batches(max_chunksize=65_536):
         digest.update(batch.serialize().to_pybytes())

@@ -1,0 +1,115 @@
+"""Plots for the run's README: STS per domain beside its raw baseline, and the mixture's shares.
+
+Agg backend (no display needed), PNG at 120 dpi, no software/time stamp in the metadata, so the same
+numbers give the same bytes on the same machine.
+
+Example:
+    >>> import tempfile
+    >>> folder = Path(tempfile.mkdtemp())
+    >>> plot_scores(["law", "math"], [0.8, 0.3], [0.1, 0.2], folder / "sts.png")
+    >>> plot_allocation(["gsm8k", "law", "math"], [0.5, 0.3, 0.2], folder / "allocation.png", target="gsm8k")
+    >>> (folder / "sts.png").stat().st_size > 0
+    True
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # before pyplot: headless machines and CI have no display
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.ticker import FuncFormatter, MaxNLocator  # noqa: E402
+
+DPI = 120
+MAX_BARS = 40  # beyond this the labels overlap; the plot shows the top ones and says so
+STS_COLOR, RAW_COLOR, DOMAIN_COLOR, TARGET_COLOR = "#3b6ea8", "#9a9a9a", "#5b8c5a", "#c4622d"
+
+
+def _top(names: Sequence[str], key: np.ndarray) -> tuple[np.ndarray, str]:
+    """Indices of the bars to draw, largest key at the top, and a title suffix when some are cut."""
+    order = np.argsort(-np.nan_to_num(key, nan=-np.inf), kind="stable")[:MAX_BARS]
+    suffix = f" (top {MAX_BARS} of {len(names)})" if len(names) > MAX_BARS else ""
+    return order[::-1], suffix  # barh draws bottom-up
+
+
+def _height(bars: int) -> float:
+    return max(2.5, 0.32 * bars + 1.2)
+
+
+def _save(fig: plt.Figure, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=DPI, bbox_inches="tight", metadata={"Software": None})
+    plt.close(fig)
+
+
+def _check(names: Sequence[str], **columns: Sequence[float]) -> None:
+    for label, values in columns.items():
+        if len(values) != len(names):
+            raise ValueError(f"{label} has {len(values)} values for {len(names)} names")
+    if not names:
+        raise ValueError("nothing to plot: no names")
+
+
+def plot_scores(names: Sequence[str], sts: Sequence[float], raw: Sequence[float], path: Path) -> None:
+    """Horizontal bars of STS per domain, highest first, with the raw-activation baseline in a panel beside.
+
+    Two panels sharing the domain axis, each on its own scale: STS and the raw baseline are sums over
+    different spaces (SAE latents vs residual dimensions), so one axis would flatten one of them.
+    """
+    _check(names, sts=sts, raw=raw)
+    sts_values, raw_values = np.asarray(sts, dtype=float), np.asarray(raw, dtype=float)
+    rows, suffix = _top(names, sts_values)
+    y = np.arange(len(rows))
+    fig, (left, right) = plt.subplots(
+        1, 2, sharey=True, figsize=(10, _height(len(rows))), gridspec_kw={"width_ratios": [3, 2]}
+    )
+    left.barh(y, sts_values[rows], color=STS_COLOR)
+    left.set_yticks(y, [names[i] for i in rows])
+    left.set_xlabel("STS (shifted SAE latents)")
+    left.set_title("STS per domain (higher: more exposed)" + suffix, loc="left")
+    right.barh(y, raw_values[rows], color=RAW_COLOR)
+    right.set_xlabel("raw baseline (residual dimensions)")
+    right.set_title("Raw baseline", loc="left")
+    for ax in (left, right):
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=4))  # small or negative values: long tick labels
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:.3g}"))
+        ax.axvline(0, color="black", linewidth=0.8)
+        ax.grid(axis="x", alpha=0.3)
+        ax.set_axisbelow(True)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_allocation(names: Sequence[str], shares: Sequence[float], path: Path, target: str | None = None) -> None:
+    """Horizontal bars of each part's share of the mixture, largest first, labelled in percent.
+
+    `target`: the fine-tuning target's name, drawn in its own colour.
+    """
+    _check(names, shares=shares)
+    values = np.asarray(shares, dtype=float)
+    rows, suffix = _top(names, values)
+    y = np.arange(len(rows))
+    fig, ax = plt.subplots(figsize=(8, _height(len(rows))))
+    colors = [TARGET_COLOR if names[i] == target else DOMAIN_COLOR for i in rows]
+    bars = ax.barh(y, values[rows] * 100, color=colors)
+    ax.bar_label(bars, labels=[_percent(values[i]) for i in rows], padding=3, fontsize=9)
+    ax.set_yticks(y, [f"{names[i]} (target)" if names[i] == target else names[i] for i in rows])
+    ax.set_xlabel("share of the mixture (%)")
+    ax.set_xlim(0, max(5.0, float(np.nanmax(values[rows])) * 100 * 1.15))  # room for the labels
+    ax.set_title("Mixture allocation" + suffix, loc="left")
+    ax.grid(axis="x", alpha=0.3)
+    ax.set_axisbelow(True)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def _percent(share: float) -> str:
+    if math.isnan(share):
+        return "n/a"
+    return f"{share:.1%}" if share >= 0.001 or share == 0 else "<0.1%"

@@ -1,0 +1,167 @@
+"""The streaming engine and STS maths, on a tiny real Llama and a tiny sae-lens SAE built in-process."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from mixopt.batching import length_batches
+from mixopt.cli import cli
+from mixopt.encoding import encode_chat, encode_demonstrations, encode_text
+from mixopt.features import run_pass
+from mixopt.model import LoadedModel, residual_stream
+from mixopt.sts import domain_score, example_scores, shifted_latents
+from tests.tiny import tiny_llama, tiny_sae, tiny_tokenizer
+
+LAYER = 1
+
+
+@pytest.fixture(scope="module")
+def lm() -> LoadedModel:
+    tok = tiny_tokenizer()
+    return LoadedModel(tiny_llama(len(tok), layers=3), tok, "tiny", "tiny", torch.device("cpu"), torch.float32)
+
+
+@pytest.fixture(scope="module")
+def sae():
+    return tiny_sae(layer=LAYER)
+
+
+def _examples(lm: LoadedModel, n: int = 9):
+    pairs = [(f"What is {i} plus {i * 7}?", f"{i} + {i * 7} = {8 * i}. #### {8 * i}" + " ok" * (i % 4)) for i in range(n)]
+    return [encode_chat(lm.tokenizer, p, r, 512) for p, r in pairs]
+
+
+def test_truncated_forward__equals_the_full_models_hidden_state(lm: LoadedModel) -> None:
+    ids = torch.tensor([_examples(lm, 1)[0].ids])
+    mask = torch.ones_like(ids)
+    with torch.inference_mode():
+        full = lm.model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+    torch.testing.assert_close(residual_stream(lm.model, ids, mask, LAYER), full[LAYER + 1])
+
+
+def test_truncated_forward__runs_no_block_after_the_hook(lm: LoadedModel) -> None:
+    ran: list[int] = []
+    hooks = [b.register_forward_hook(lambda m, i, o, n=n: ran.append(n)) for n, b in enumerate(lm.model.model.layers)]
+    ids = torch.tensor([_examples(lm, 1)[0].ids])
+    residual_stream(lm.model, ids, torch.ones_like(ids), LAYER)
+    for h in hooks:
+        h.remove()
+    assert ran == [0, 1]
+
+
+def test_counted_tokens__exclude_template_and_special_tokens(lm: LoadedModel) -> None:
+    enc = encode_chat(lm.tokenizer, "What is 2 plus 2?", "4", 512)
+    counted = lm.tokenizer.decode([t for t, c in zip(enc.ids, enc.counted, strict=True) if c])
+    assert "im_start" not in counted and "assistant" not in counted
+    assert counted.replace(" ", "") == "Whatis2plus2?4"
+    response = lm.tokenizer.decode([t for t, r in zip(enc.ids, enc.response, strict=True) if r])
+    assert response.strip() == "4"
+
+
+def test_streaming_reductions__equal_brute_force_over_stored_features(lm: LoadedModel, sae) -> None:
+    examples = _examples(lm)
+    result = run_pass(lm, sae, LAYER, examples, [], batch_tokens=64, desc="t").stats
+    feats, resid = [], []
+    for e in examples:  # brute force: one example at a time, every token's features kept
+        ids = torch.tensor([e.ids])
+        h = residual_stream(lm.model, ids, torch.ones_like(ids), LAYER)[0][torch.tensor(e.counted)]
+        resid.append(h)
+        feats.append(sae.encode(h))
+    f, h = torch.cat(feats).double(), torch.cat(resid).double()
+    assert result.n_tokens == len(f)
+    torch.testing.assert_close(result.latents.total, f.sum(0), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(result.latents.total_sq, f.square().sum(0), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(result.latents.active, (f > 0).sum(0).double())
+    torch.testing.assert_close(result.resid.total, h.sum(0), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(result.latents.per_example[2].double(), feats[2].double().sum(0), rtol=1e-4, atol=1e-4)
+
+
+def test_batch_size_1_and_8__give_the_same_statistics(lm: LoadedModel, sae) -> None:
+    examples = _examples(lm)
+    longest = max(len(e) for e in examples)
+    one = run_pass(lm, sae, LAYER, examples, [], batch_tokens=longest, desc="t").stats
+    eight = run_pass(lm, sae, LAYER, examples, [], batch_tokens=8 * longest, desc="t").stats
+    assert len(list(length_batches([len(e) for e in examples], 8 * longest))) < len(examples)
+    torch.testing.assert_close(one.latents.total, eight.latents.total, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(one.latents.per_example, eight.latents.per_example, rtol=1e-4, atol=1e-4)
+
+
+def test_zero_demonstrations__give_exactly_zero_shift(lm: LoadedModel, sae) -> None:
+    examples = _examples(lm)
+    assert run_pass(lm, sae, LAYER, examples, [], 256, "t").shift is None
+    # An empty prefix is the same input: f(ICL) - f(zero-shot) is exactly zero, token by token.
+    prefix = encode_demonstrations(lm.tokenizer, [])
+    assert prefix == []
+
+
+def test_icl_shift__compares_the_querys_own_ids_position_by_position(lm: LoadedModel, sae) -> None:
+    examples = _examples(lm, 4)
+    prefix = encode_demonstrations(lm.tokenizer, [("What is 1 plus 1?", "2")])
+    result = run_pass(lm, sae, LAYER, examples, prefix, 512, "t")
+    e = examples[1]
+    ids0, ids1 = torch.tensor([e.ids]), torch.tensor([prefix + e.ids])
+    assert ids1[0, len(prefix):].tolist() == e.ids  # the query's ids are identical with and without demos
+    counted = torch.tensor(e.counted)
+    f0 = sae.encode(residual_stream(lm.model, ids0, torch.ones_like(ids0), LAYER)[0][counted])
+    f1 = sae.encode(residual_stream(lm.model, ids1, torch.ones_like(ids1), LAYER)[0, len(prefix):][counted])
+    torch.testing.assert_close(result.shift.latents.per_example[1].double(), (f1 - f0).square().sum(0).double(),
+                               rtol=1e-4, atol=1e-5)
+    assert result.shift.latents.total.sum() > 0
+
+
+def test_sts__act_is_mean_over_tokens_of_the_sum_over_shifted_latents(lm: LoadedModel, sae) -> None:
+    stats = run_pass(lm, sae, LAYER, _examples(lm), [], 256, "t").stats
+    shift = stats.latents  # any reduction serves to pick k latents here
+    latents, _ = shifted_latents(shift, 5)
+    assert latents.tolist() == torch.topk(shift.total, 5).indices.tolist()
+    act = domain_score(stats.latents, stats.n_tokens, latents, "act")
+    assert act == pytest.approx(float(stats.latents.total[latents].sum() / stats.n_tokens))
+    per = example_scores(stats.latents, stats.example_tokens, latents, "act")
+    weights = stats.example_tokens.double().numpy()
+    assert (per * weights).sum() / weights.sum() == pytest.approx(act, rel=1e-5)
+    act_sq = domain_score(stats.latents, stats.n_tokens, latents, "act_sq")
+    assert act_sq == pytest.approx(float((stats.latents.total_sq[latents] / stats.n_tokens).mean()))
+
+
+def test_plain_text__counts_every_non_special_token(lm: LoadedModel) -> None:
+    enc = encode_text(lm.tokenizer, "The court held that the clause was void.", 512)
+    assert enc.n_counted == len(enc.ids) and all(enc.response)
+
+
+def test_score_cli__cached_second_run_does_no_forward_pass(workspace: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = workspace.parent / "scores.json"
+    first = CliRunner().invoke(cli, ["score", str(workspace), "--out", str(out)])
+    assert first.exit_code == 0, first.output
+    assert "domain" in first.output and out.exists()
+
+    import mixopt.features
+
+    def no_forward(*args, **kwargs):
+        raise AssertionError("a cached run must not run the model")
+
+    monkeypatch.setattr(mixopt.features, "run_pass", no_forward)
+    second = CliRunner().invoke(cli, ["score", str(workspace), "--json"])
+    assert second.exit_code == 0, second.output
+
+
+def test_score_cli__sae_width_mismatch_is_one_line_exit_2(workspace: Path, tmp_path: Path) -> None:
+    tiny_sae(d_in=16, layer=LAYER).save_model(tmp_path / "narrow")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(workspace.read_text().replace("path: ./sae", f"path: {tmp_path / 'narrow'}")
+                      .replace("data/", f"{workspace.parent}/data/").replace("./model", str(workspace.parent / "model")))
+    result = CliRunner().invoke(cli, ["score", str(recipe)])
+    assert result.exit_code == 2
+    assert "SAE input width 16 != model hidden size 32" in result.output
+
+
+def test_score_cli__layer_out_of_range_is_one_line_exit_2(workspace: Path, tmp_path: Path) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(workspace.read_text().replace("layer: 1", "layer: 7").replace("./", f"{workspace.parent}/")
+                      .replace("data/", f"{workspace.parent}/data/"))
+    result = CliRunner().invoke(cli, ["score", str(recipe)])
+    assert result.exit_code == 2
+    assert "sae.layer 7 is out of range: the model has blocks 0..1" in result.output

@@ -1,0 +1,282 @@
+"""Mixture, exports, plots and the run README, on tiny in-memory datasets."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from mixopt.errors import MixoptError
+from mixopt.exports import row_shares, write_exports
+from mixopt.mixture import (
+    MixturePart,
+    build_mixture,
+    common_schema,
+    epoch_indices,
+    select_examples,
+    write_mixture,
+)
+from mixopt.plots import plot_allocation, plot_scores
+from mixopt.report import write_run_readme
+from mixopt.sources import content_hash
+
+
+@pytest.fixture(autouse=True)
+def _quiet() -> None:
+    datasets.disable_progress_bars()
+
+
+def chat(name: str, n: int) -> datasets.Dataset:
+    return datasets.Dataset.from_dict(
+        {"prompt": [f"{name} question {i}" for i in range(n)], "response": [f"{name} answer {i}" for i in range(n)]}
+    )
+
+
+def plain(name: str, n: int) -> datasets.Dataset:
+    return datasets.Dataset.from_dict({"text": [f"{name} text {i}" for i in range(n)]})
+
+
+def chat_parts(counts: dict[str, int], sizes: dict[str, int] | None = None) -> list[MixturePart]:
+    sizes = sizes or {}
+    return [MixturePart(n, chat(n, sizes.get(n, 10)), c, seed=100 + j) for j, (n, c) in enumerate(counts.items())]
+
+
+# ------------------------------------------------------------------------------------------- selection
+
+
+@pytest.mark.parametrize("n, count", [(10, 0), (10, 4), (10, 10), (7, 23), (3, 300)])
+def test_epoch_indices__every_row_appears_floor_or_ceil_of_count_over_n_times(n: int, count: int) -> None:
+    seen = np.bincount(epoch_indices(n, count, seed=5), minlength=n)
+    assert seen.sum() == count
+    assert set(seen.tolist()) <= {count // n, -(-count // n)}
+
+
+def test_epoch_indices__each_whole_epoch_is_a_fresh_permutation_of_the_source() -> None:
+    idx = epoch_indices(6, 20, seed=1)
+    epochs = [idx[i : i + 6] for i in range(0, 18, 6)]
+    assert all(sorted(e.tolist()) == list(range(6)) for e in epochs)
+    assert len({tuple(e.tolist()) for e in epochs}) > 1  # not one permutation repeated
+    assert set(idx[18:].tolist()) <= set(range(6)) and len(set(idx[18:].tolist())) == 2  # partial: distinct rows
+
+
+def test_epoch_indices__a_smaller_count_is_a_prefix_of_a_larger_one() -> None:
+    np.testing.assert_array_equal(epoch_indices(9, 13, seed=2), epoch_indices(9, 40, seed=2)[:13])
+
+
+def test_epoch_indices__drawing_from_an_empty_source_says_so() -> None:
+    with pytest.raises(MixoptError, match="empty source"):
+        epoch_indices(0, 3, seed=0)
+
+
+def test_select_examples__returns_the_rows_at_the_returned_source_indices() -> None:
+    rows = plain("law", 5)
+    picked, idx = select_examples(rows, 12, seed=3)
+    assert idx.dtype == np.int64 and len(picked) == 12
+    assert picked["text"] == [f"law text {i}" for i in idx]
+
+
+# --------------------------------------------------------------------------------------------- mixture
+
+
+def test_build_mixture__holds_exactly_each_parts_count_with_source_indices_in_range() -> None:
+    counts = {"target": 25, "law": 7, "math": 31}
+    mix = build_mixture(chat_parts(counts, sizes={"math": 4}), seed=0)
+    assert Counter(mix["domain"]) == counts
+    source = np.array(mix["source_index"])
+    math_rows = source[np.array(mix["domain"]) == "math"]
+    assert set(np.bincount(math_rows).tolist()) <= {7, 8}  # 31 rows over 4: whole epochs, then a partial one
+    assert mix.features["source_index"] == datasets.Value("int64")
+
+
+def test_build_mixture__same_parts_and_seed_give_identical_rows_and_another_seed_reorders_them() -> None:
+    counts = {"target": 20, "law": 15, "math": 12}
+    first = build_mixture(chat_parts(counts), seed=11)
+    again = build_mixture(chat_parts(counts), seed=11)
+    other = build_mixture(chat_parts(counts), seed=12)
+    assert content_hash(first) == content_hash(again)
+    assert content_hash(first) != content_hash(other)
+    assert sorted(zip(first["domain"], first["source_index"], strict=True)) == sorted(
+        zip(other["domain"], other["source_index"], strict=True)
+    )  # same rows, different order
+
+
+def test_build_mixture__chat_parts_become_user_assistant_messages() -> None:
+    mix = build_mixture(chat_parts({"law": 3}), seed=0)
+    assert mix.column_names == ["messages", "domain", "source_index"]
+    row = mix[0]
+    i = row["source_index"]
+    assert row["messages"] == [
+        {"role": "user", "content": f"law question {i}"},
+        {"role": "assistant", "content": f"law answer {i}"},
+    ]
+
+
+def test_build_mixture__one_text_part_turns_every_part_into_prompt_newline_response_text() -> None:
+    parts = [MixturePart("target", chat("target", 4), 4, 0), MixturePart("wiki", plain("wiki", 4), 3, 1)]
+    assert common_schema(parts) == "text"
+    mix = build_mixture(parts, seed=0)
+    assert mix.column_names == ["text", "domain", "source_index"]
+    for row in mix:
+        i = row["source_index"]
+        expected = f"target question {i}\ntarget answer {i}" if row["domain"] == "target" else f"wiki text {i}"
+        assert row["text"] == expected
+
+
+def test_build_mixture__parts_with_no_rows_are_left_out() -> None:
+    mix = build_mixture(chat_parts({"target": 5, "law": 0}), seed=0)
+    assert Counter(mix["domain"]) == {"target": 5}
+
+
+def test_common_schema__a_part_without_text_or_chat_columns_names_its_columns() -> None:
+    bad = MixturePart("law", datasets.Dataset.from_dict({"question": ["q"]}), 1, 0)
+    with pytest.raises(MixoptError, match="part 'law' has columns question"):
+        common_schema([bad])
+
+
+# ---------------------------------------------------------------------------------------------- output
+
+
+def test_write_mixture__round_trips_through_load_from_disk_and_writes_per_domain_parquet(tmp_path: Path) -> None:
+    counts = {"target": 30, "law": 9, "math": 14}
+    mix = build_mixture(chat_parts(counts), seed=4)
+    written = write_mixture(mix, tmp_path, ["arrow", "parquet"])
+
+    loaded = datasets.load_from_disk(str(tmp_path / written["arrow"]))
+    assert len(loaded) == len(mix) and loaded.column_names == mix.column_names
+    assert loaded.to_dict() == mix.to_dict()  # same rows, same order
+
+    assert written["parquet:00000"] == "parquet/mixture-00000-of-00001.parquet"
+    assert pq.read_table(tmp_path / written["parquet:00000"]).num_rows == len(mix)
+    for name, count in counts.items():
+        table = pq.read_table(tmp_path / written[f"domain:{name}"])
+        assert table.num_rows == count
+        assert set(table.column("domain").to_pylist()) == {name}
+
+
+def test_write_mixture__shards_of_at_most_100k_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("mixopt.mixture.ROWS_PER_SHARD", 10)  # same rule, smaller numbers
+    mix = build_mixture(chat_parts({"law": 25}), seed=0)
+    written = write_mixture(mix, tmp_path, ["parquet"])
+    shards = sorted(v for k, v in written.items() if k.startswith("parquet:"))
+    assert shards == [f"parquet/mixture-0000{i}-of-00003.parquet" for i in range(3)]
+    assert sum(pq.read_table(tmp_path / s).num_rows for s in shards) == 25
+    assert not (tmp_path / "mixture").exists()
+
+
+def test_write_mixture__an_unknown_format_is_named(tmp_path: Path) -> None:
+    with pytest.raises(MixoptError, match="unknown output format.*jsonl"):
+        write_mixture(build_mixture(chat_parts({"law": 2}), seed=0), tmp_path, ["jsonl"])
+
+
+# --------------------------------------------------------------------------------------------- exports
+
+COUNTS = {"target": 500, "law": 200, "math": 299, "empty": 0, "code": 1}
+EPOCHS = {"target": 0.5, "law": 2.0, "math": 0.3, "empty": 0.0, "code": 0.01}
+
+
+def test_row_shares__sum_to_exactly_one_and_match_count_over_total() -> None:
+    shares = row_shares({"a": 1, "b": 1, "c": 1, "d": 4})
+    assert sum(int(s.replace(".", "")) for s in shares.values()) == 1_000_000
+    for name, count in {"a": 1, "b": 1, "c": 1, "d": 4}.items():
+        assert abs(float(shares[name]) - count / 7) <= 1e-6
+
+
+def test_write_exports__llamafactory_probs_sum_to_one_and_match_counts(tmp_path: Path) -> None:
+    write_exports(tmp_path, COUNTS, EPOCHS, "messages")
+    info = json.loads((tmp_path / "exports/llamafactory_dataset_info.json").read_text())
+    kept = {n: c for n, c in COUNTS.items() if c}
+    assert list(info) == list(kept)  # the part with no rows is left out
+    assert {n: e["num_samples"] for n, e in info.items()} == kept
+    assert info["law"]["file_name"] == "../parquet/domains/law.parquet"
+    assert info["law"]["formatting"] == "sharegpt" and info["law"]["tags"]["assistant_tag"] == "assistant"
+
+    args = yaml.safe_load((tmp_path / "exports/llamafactory_train_args.yaml").read_text())
+    assert args["dataset"].split(",") == list(kept)
+    assert args["mix_strategy"] == "interleave_under"
+    probs = [float(p) for p in args["interleave_probs"].split(",")]
+    assert sum(int(p.replace(".", "")) for p in args["interleave_probs"].split(",")) == 1_000_000
+    total = sum(kept.values())
+    assert all(abs(p - c / total) <= 1e-6 for p, c in zip(probs, kept.values(), strict=True))
+
+
+def test_write_exports__text_schema_uses_prompt_only_alpaca_and_completion(tmp_path: Path) -> None:
+    write_exports(tmp_path, {"target": 3, "wiki": 2}, {}, "text")
+    info = json.loads((tmp_path / "exports/llamafactory_dataset_info.json").read_text())
+    assert info["wiki"]["columns"] == {"prompt": "text"} and "formatting" not in info["wiki"]
+    entries = yaml.safe_load((tmp_path / "exports/axolotl.yaml").read_text())["datasets"]
+    assert {e["type"] for e in entries} == {"completion"} and {e["field"] for e in entries} == {"text"}
+
+
+def test_write_exports__megatron_weights_are_the_shares_of_rows(tmp_path: Path) -> None:
+    write_exports(tmp_path, COUNTS, EPOCHS, "messages")
+    kept = {n: c for n, c in COUNTS.items() if c}
+    total = sum(kept.values())
+    line = [s for s in (tmp_path / "exports/megatron_blend.txt").read_text().splitlines() if not s.startswith("#")]
+    assert len(line) == 1 and line[0].startswith("--data-path ")
+    blend = line[0].split()[1:]
+    blend_json = json.loads((tmp_path / "exports/megatron_blend.json").read_text())
+    assert blend_json == {"train": blend, "valid": None, "test": None}
+    weights, prefixes = [float(w) for w in blend[::2]], blend[1::2]
+    assert prefixes == [f"parquet/domains/{n}_text_document" for n in kept]
+    assert all(abs(w - c / total) <= 1e-6 for w, c in zip(weights, kept.values(), strict=True))
+
+
+def test_write_exports__axolotl_yaml_parses_and_lists_every_domain_file(tmp_path: Path) -> None:
+    written = write_exports(tmp_path, COUNTS, EPOCHS, "messages")
+    assert "exports/axolotl.yaml" in written
+    text = (tmp_path / "exports/axolotl.yaml").read_text()
+    assert "no mixing weight" in text
+    entries = yaml.safe_load(text)["datasets"]
+    assert [e["path"] for e in entries] == [f"../parquet/domains/{n}.parquet" for n, c in COUNTS.items() if c]
+    assert all(e["type"] == "chat_template" and e["field_messages"] == "messages" for e in entries)
+    assert all(e["ds_type"] == "parquet" and e["split"] == "train" for e in entries)
+
+
+def test_write_exports__point_at_the_files_write_mixture_wrote(tmp_path: Path) -> None:
+    counts = {"target": 6, "law": 3}
+    write_mixture(build_mixture(chat_parts(counts), seed=0), tmp_path, ["parquet"])
+    write_exports(tmp_path, counts, {}, "messages")
+    info = json.loads((tmp_path / "exports/llamafactory_dataset_info.json").read_text())
+    for entry in info.values():
+        assert (tmp_path / "exports" / entry["file_name"]).is_file()
+
+
+def test_write_exports__a_mixture_without_rows_says_so(tmp_path: Path) -> None:
+    with pytest.raises(MixoptError, match="no rows"):
+        write_exports(tmp_path, {"target": 0}, {}, "messages")
+
+
+# ---------------------------------------------------------------------------------------- plots, README
+
+
+def test_plots__write_non_empty_pngs_with_the_same_bytes_each_time(tmp_path: Path) -> None:
+    names = ["law", "math", "code"]
+    plot_scores(names, [0.8, 0.2, float("nan")], [0.1, 0.3, 0.2], tmp_path / "sts.png")
+    plot_allocation(["target", *names], [0.5, 0.3, 0.15, 0.05], tmp_path / "allocation.png", target="target")
+    plot_allocation(["target", *names], [0.5, 0.3, 0.15, 0.05], tmp_path / "again.png", target="target")
+    for name in ("sts.png", "allocation.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "allocation.png").read_bytes() == (tmp_path / "again.png").read_bytes()
+
+
+def test_plot_scores__mismatched_lengths_are_reported(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="raw has 1 values for 2 names"):
+        plot_scores(["law", "math"], [0.1, 0.2], [0.1], tmp_path / "sts.png")
+
+
+def test_write_run_readme__embeds_plots_table_and_epochs_per_part(tmp_path: Path) -> None:
+    table = "| domain | STS |\n| --- | --- |\n| law | 0.8 |"
+    write_run_readme(tmp_path, table, {"gsm8k": 600, "law": 400}, {"gsm8k": 0.5, "law": 2.0}, "messages", "gsm8k")
+    text = (tmp_path / "README.md").read_text()
+    assert "![STS per domain" in text and "(plots/sts.png)" in text and "(plots/allocation.png)" in text
+    assert table in text
+    assert "| gsm8k (target) | 600 | 60.0% | 0.50 |" in text and "| law | 400 | 40.0% | 2.00 |" in text
+    for trainer in ("### datasets", "### TRL", "### LLaMA-Factory", "### axolotl", "### Megatron-LM"):
+        assert trainer in text
+    assert 'load_from_disk("mixture")' in text and "interleave_probs" in text
