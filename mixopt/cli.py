@@ -145,6 +145,7 @@ def plan(recipe: Path, out: Path | None, force: bool, seed: int | None, dry_run:
     click.echo(result.scores.table())
     click.echo("")
     click.echo(result.allocation.table())
+    _solver_notes(result.allocation)
     if result.out is None:
         click.echo("\ndry run: nothing written")
         return
@@ -179,9 +180,17 @@ def solve(scores: Path, recipe: Path | None, out: Path | None, **allocation: Any
         settings, limits, seed = AllocationSpec.model_validate(updates), None, 0
     result = solve_allocation(record, settings, limits, seed=seed)
     click.echo(result.table())
+    _solver_notes(result)
     if out:
         result.save(out)
         click.echo(f"allocation written to {out}", err=True)
+
+
+def _solver_notes(allocation: Any) -> None:
+    click.echo(f"{allocation.objective}: {allocation.solver} {allocation.status} in {allocation.solve_seconds:.2f} s",
+               err=True)
+    for note in allocation.notes:
+        click.echo(f"note: {note}", err=True)
 
 
 def output_dir(recipe: Any) -> Path:
