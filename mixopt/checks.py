@@ -62,7 +62,12 @@ def _check_feasible(recipe: Recipe, available: dict[str, int]) -> None:
     names = [d.name for d in recipe.domains]
     limits = {d.name: DomainLimits(d.min_share, d.max_share, list(d.groups)) for d in recipe.domains}
     conflicts = static_conflicts(
-        names, [available[n] for n in names], [1.0] * len(names), spec, limits, spec.budget,
+        names,
+        [available[n] for n in names],
+        [1.0] * len(names),
+        spec,
+        limits,
+        spec.budget,
         target_available=available[recipe.target.name],
     )
     if conflicts:
@@ -77,9 +82,10 @@ def _check_model_and_sae(recipe: Recipe | SAETrainRecipe) -> tuple[str, MixoptEr
     try:
         if path in BUILTIN_MODELS:
             builtin_gguf(path)
-        elif path.startswith((".", "/", "~")) or path.endswith(".gguf"):
-            if not (recipe.base_dir / Path(path).expanduser()).exists():
-                raise MixoptError(f"model not found: {path} (relative paths resolve against the recipe file)")
+        elif (path.startswith((".", "/", "~")) or path.endswith(".gguf")) and not (
+            recipe.base_dir / Path(path).expanduser()
+        ).exists():
+            raise MixoptError(f"model not found: {path} (relative paths resolve against the recipe file)")
     except MixoptError as err:
         return "model.path", err
     if isinstance(recipe, Recipe):

@@ -45,8 +45,14 @@ def cli() -> None:
 
 @cli.command()
 @click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
-@click.option("--format", "fmt", type=click.Choice(["text", "github"]), default="text", show_default=True,
-              help="github: print GitHub Actions annotations (::error file=...,line=...::message).")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["text", "github"]),
+    default="text",
+    show_default=True,
+    help="github: print GitHub Actions annotations (::error file=...,line=...::message).",
+)
 def check(paths: tuple[Path, ...], fmt: str) -> None:
     """Validate recipe files: YAML, schema, sources and columns, feasibility.
 
@@ -119,8 +125,11 @@ def _budget_options(command: Callable[..., Any]) -> Callable[..., Any]:
 @cli.command()
 @click.argument("recipe", type=click.Path(path_type=Path))
 @_budget_options
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
-              help="Output folder (default: the recipe's output.dir, else runs/<recipe name>).")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Output folder (default: the recipe's output.dir, else runs/<recipe name>).",
+)
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 @click.option("--seed", type=int, help="Override the recipe's seed (demonstrations, sampling, shuffling).")
 @click.option("--dry-run", is_flag=True, help="Score and solve, print the allocation, write nothing.")
@@ -187,8 +196,9 @@ def solve(scores: Path, recipe: Path | None, out: Path | None, **allocation: Any
 
 
 def _solver_notes(allocation: Any) -> None:
-    click.echo(f"{allocation.objective}: {allocation.solver} {allocation.status} in {allocation.solve_seconds:.2f} s",
-               err=True)
+    click.echo(
+        f"{allocation.objective}: {allocation.solver} {allocation.status} in {allocation.solve_seconds:.2f} s", err=True
+    )
     for note in allocation.notes:
         click.echo(f"note: {note}", err=True)
 

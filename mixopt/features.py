@@ -43,8 +43,13 @@ class Reduction:
     @classmethod
     def empty(cls, n_examples: int, width: int) -> Reduction:
         z = torch.zeros
-        return cls(z(width, dtype=torch.float64), z(width, dtype=torch.float64), z(width, dtype=torch.float64),
-                   z(n_examples, width), z(n_examples, width))
+        return cls(
+            z(width, dtype=torch.float64),
+            z(width, dtype=torch.float64),
+            z(width, dtype=torch.float64),
+            z(n_examples, width),
+            z(n_examples, width),
+        )
 
     @torch.no_grad()
     def update(self, values: torch.Tensor, example: torch.Tensor) -> None:
@@ -79,8 +84,10 @@ class SourceStats:
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], prefix: str) -> SourceStats:
-        parts = {part: Reduction(**{f.name: tensors[f"{prefix}{part}.{f.name}"] for f in fields(Reduction)})
-                 for part in ("latents", "resid")}
+        parts = {
+            part: Reduction(**{f.name: tensors[f"{prefix}{part}.{f.name}"] for f in fields(Reduction)})
+            for part in ("latents", "resid")
+        }
         return cls(tensors[f"{prefix}example_tokens"], **parts)
 
 
@@ -113,12 +120,16 @@ def _encode_counted(lm: LoadedModel, sae: Any, layer: int, ids: list[list[int]],
         return h.float(), sae.encode(h.float()).float()  # (tokens, d_model), (tokens, d_sae)
 
 
-def run_pass(lm: LoadedModel, sae: Any, layer: int, examples: list[Encoded], prefix: list[int],
-             batch_tokens: int, desc: str) -> PassResult:
+def run_pass(
+    lm: LoadedModel, sae: Any, layer: int, examples: list[Encoded], prefix: list[int], batch_tokens: int, desc: str
+) -> PassResult:
     """Stream `examples` through model and SAE; with a non-empty `prefix`, also the ICL shift."""
     n, d_sae, d_model = len(examples), _sae_width(sae), lm.hidden_size
-    stats = SourceStats(torch.tensor([e.n_counted for e in examples], dtype=torch.int64),
-                        Reduction.empty(n, d_sae), Reduction.empty(n, d_model))
+    stats = SourceStats(
+        torch.tensor([e.n_counted for e in examples], dtype=torch.int64),
+        Reduction.empty(n, d_sae),
+        Reduction.empty(n, d_model),
+    )
     shift = SourceStats(stats.example_tokens.clone(), Reduction.empty(n, d_sae), Reduction.empty(n, d_model))
     lengths = [len(prefix) + len(e) for e in examples]  # the ICL row is the longest: it sets the budget
     with tqdm(total=stats.n_tokens, unit="tok", unit_scale=True, desc=desc, leave=False) as bar:

@@ -143,7 +143,6 @@ def resolve_model_source(spec: ModelSpec, base_dir: Path) -> tuple[str, str]:
 def load_model(spec: ModelSpec, base_dir: Path | None = None) -> LoadedModel:
     """Load model and tokenizer for inference on the recipe's device and dtype."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # mixopt draws its own bars; a per-load weight bar is noise
@@ -181,7 +180,9 @@ class _Stop(Exception):
 
 
 @torch.inference_mode()
-def residual_stream(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, layer: int) -> torch.Tensor:
+def residual_stream(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, layer: int
+) -> torch.Tensor:
     """Residual stream after block `layer` (= `hidden_states[layer + 1]`), computing no later block.
 
     A forward hook captures the block's output and stops the pass: ~3x cheaper than
@@ -207,6 +208,13 @@ def residual_stream(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
 
 def model_card(spec: ModelSpec, lm: LoadedModel) -> dict[str, object]:
     """Identity of the model for manifests."""
-    return {"path": spec.path, "identity": lm.identity, "class": type(lm.model).__name__,
-            "n_layers": lm.n_layers, "hidden_size": lm.hidden_size, "dtype": str(lm.dtype).removeprefix("torch."),
-            "device": str(lm.device), "config": json.loads(lm.model.config.to_json_string())["model_type"]}
+    return {
+        "path": spec.path,
+        "identity": lm.identity,
+        "class": type(lm.model).__name__,
+        "n_layers": lm.n_layers,
+        "hidden_size": lm.hidden_size,
+        "dtype": str(lm.dtype).removeprefix("torch."),
+        "device": str(lm.device),
+        "config": json.loads(lm.model.config.to_json_string())["model_type"],
+    }

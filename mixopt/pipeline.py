@@ -60,8 +60,9 @@ def encode_row(lm: LoadedModel, row: dict[str, str], max_length: int) -> Encoded
     return encode_chat(lm.tokenizer, row["prompt"], row["response"], max_length)
 
 
-def sample_source(rows: datasets.Dataset, lm: LoadedModel, seed: int, n_demos: int, token_budget: int,
-                  max_length: int) -> Sample:
+def sample_source(
+    rows: datasets.Dataset, lm: LoadedModel, seed: int, n_demos: int, token_budget: int, max_length: int
+) -> Sample:
     """Seeded order; the first `n_demos` rows are demonstrations (never queries), then queries until
     `token_budget` counted tokens."""
     order = np.random.default_rng(seed).permutation(len(rows)).tolist()
@@ -91,8 +92,12 @@ def score_recipe(recipe: Recipe, timings: Timings | None = None) -> tuple[Scores
     sae = timings.timed("load_sae", lambda: load_sae(recipe.sae, recipe.base_dir, lm.device))
     layer, k, variant = recipe.sae.layer, recipe.sts.top_k, recipe.sts.score
     check_sae(sae, lm, layer)
-    identity = {"model": lm.identity, "sae": sae_identity(recipe.sae, recipe.base_dir), "layer": layer,
-                "dtype": str(lm.dtype)}
+    identity = {
+        "model": lm.identity,
+        "sae": sae_identity(recipe.sae, recipe.base_dir),
+        "layer": layer,
+        "dtype": str(lm.dtype),
+    }
 
     def stream(name: str, sample: Sample, prefix: list[int]) -> PassResult:
         key = pass_key(identity, sample.examples, prefix)
@@ -108,8 +113,9 @@ def score_recipe(recipe: Recipe, timings: Timings | None = None) -> tuple[Scores
         from mixopt.errors import SourceError
 
         raise SourceError(f"target has {len(target_rows)} rows; it needs more than icl_demos={target.icl_demos}")
-    target_sample = sample_source(target_rows, lm, recipe.target_seed, target.icl_demos,
-                                  recipe.sts.target_tokens, recipe.sts.max_length)
+    target_sample = sample_source(
+        target_rows, lm, recipe.target_seed, target.icl_demos, recipe.sts.target_tokens, recipe.sts.max_length
+    )
     prefix = encode_demonstrations(lm.tokenizer, target_sample.demos)
     target_pass = stream(f"target {target.name}", target_sample, prefix)
     shift = target_pass.shift or SourceStats(target_pass.stats.example_tokens, *_zero_like(target_pass.stats))
@@ -125,8 +131,9 @@ def score_recipe(recipe: Recipe, timings: Timings | None = None) -> tuple[Scores
         samples[domain.name] = sample_source(rows, lm, seed, 0, recipe.sts.domain_tokens, recipe.sts.max_length)
         passes[domain.name] = stream(f"domain {domain.name}", samples[domain.name], [])
         if variant == "icl":
-            icl_sample = sample_source(rows, lm, seed, domain.icl_demos, recipe.sts.domain_tokens,
-                                       recipe.sts.max_length)
+            icl_sample = sample_source(
+                rows, lm, seed, domain.icl_demos, recipe.sts.domain_tokens, recipe.sts.max_length
+            )
             icl_prefix = encode_demonstrations(lm.tokenizer, icl_sample.demos)
             icl_passes[domain.name] = stream(f"domain {domain.name} (icl)", icl_sample, icl_prefix)
 
@@ -150,24 +157,41 @@ def score_recipe(recipe: Recipe, timings: Timings | None = None) -> tuple[Scores
         variants["random"] = sts.random_control(stats, k)
         mean_all, mean_response = mean_tokens(sample.examples)
         return DomainScore(
-            name=name, sts=sts.domain_score(reduction, scored.n_tokens, latents, variant),
+            name=name,
+            sts=sts.domain_score(reduction, scored.n_tokens, latents, variant),
             baseline=sts.domain_score(raw_reduction, scored.n_tokens, raw_dims, variant),
-            similarity=variants["similarity"], tokens=stats.n_tokens, examples=len(sample.examples),
-            available=sample.available, mean_tokens=mean_all, mean_response_tokens=mean_response,
-            stderr=stderr, interval=interval, example_scores=[round(float(s), 6) for s in per_example],
-            example_tokens=[int(t) for t in tokens], variants=variants,
+            similarity=variants["similarity"],
+            tokens=stats.n_tokens,
+            examples=len(sample.examples),
+            available=sample.available,
+            mean_tokens=mean_all,
+            mean_response_tokens=mean_response,
+            stderr=stderr,
+            interval=interval,
+            example_scores=[round(float(s), 6) for s in per_example],
+            example_tokens=[int(t) for t in tokens],
+            variants=variants,
         )
 
     domains = [record(d.name, samples[d.name], passes[d.name], icl_passes.get(d.name)) for d in recipe.domains]
     scores = Scores(
-        recipe_sha256=recipe.sha256(), model=recipe.model.path,
-        sae=recipe.sae.path or f"{recipe.sae.release}/{recipe.sae.id}", layer=layer, top_k=len(latents),
+        recipe_sha256=recipe.sha256(),
+        model=recipe.model.path,
+        sae=recipe.sae.path or f"{recipe.sae.release}/{recipe.sae.id}",
+        layer=layer,
+        top_k=len(latents),
         score=variant,
         shifted_latents=[{"index": int(i), "shift": float(v)} for i, v in zip(latents, shift_values, strict=True)],
-        target=record(target.name, target_sample, target_pass, None), domains=domains,
+        target=record(target.name, target_sample, target_pass, None),
+        domains=domains,
     )
-    context = {"model_identity": lm.identity, "sae_identity": identity["sae"], "device": str(lm.device),
-               "dtype": str(lm.dtype).removeprefix("torch."), "timings": timings}
+    context = {
+        "model_identity": lm.identity,
+        "sae_identity": identity["sae"],
+        "device": str(lm.device),
+        "dtype": str(lm.dtype).removeprefix("torch."),
+        "timings": timings,
+    }
     return scores, context
 
 
@@ -193,40 +217,91 @@ def _mixture_parts(recipe: Recipe, allocation: Any) -> list[Any]:
     from mixopt.mixture import MixturePart
 
     counts = {d.name: d.count for d in allocation.domains}
-    parts = [MixturePart(recipe.target.name, rendered_rows(recipe.target, recipe, "target"),
-                         allocation.target_count, sts.name_seed(recipe.seed, recipe.target.name))]
+    parts = [
+        MixturePart(
+            recipe.target.name,
+            rendered_rows(recipe.target, recipe, "target"),
+            allocation.target_count,
+            sts.name_seed(recipe.seed, recipe.target.name),
+        )
+    ]
     for i, domain in enumerate(recipe.domains):
         if counts.get(domain.name, 0) > 0:
-            parts.append(MixturePart(domain.name, rendered_rows(domain, recipe, f"domains.{i}"), counts[domain.name],
-                                     sts.name_seed(recipe.seed, domain.name)))
+            parts.append(
+                MixturePart(
+                    domain.name,
+                    rendered_rows(domain, recipe, f"domains.{i}"),
+                    counts[domain.name],
+                    sts.name_seed(recipe.seed, domain.name),
+                )
+            )
     return parts
 
 
-def manifest_record(recipe: Recipe, scores: Scores, allocation: Any, context: dict[str, Any],
-                    written: dict[str, Any], seconds: dict[str, float]) -> dict[str, Any]:
+def manifest_record(
+    recipe: Recipe,
+    scores: Scores,
+    allocation: Any,
+    context: dict[str, Any],
+    written: dict[str, Any],
+    seconds: dict[str, float],
+) -> dict[str, Any]:
     """Everything needed to say exactly how a mixture was made (DESIGN.md section 5)."""
     from mixopt.manifest import checksums, versions
     from mixopt.model import BUILTIN_MODELS, builtin_gguf
     from mixopt.sae import resolve_sae_dir
 
-    model_files = (builtin_gguf(recipe.model.path) if recipe.model.path in BUILTIN_MODELS
-                   else (recipe.base_dir / recipe.model.path) if recipe.model.path.startswith((".", "/")) else None)
+    model_files = (
+        builtin_gguf(recipe.model.path)
+        if recipe.model.path in BUILTIN_MODELS
+        else (recipe.base_dir / recipe.model.path)
+        if recipe.model.path.startswith((".", "/"))
+        else None
+    )
     return {
         "mixopt_manifest_version": 1,
         "versions": versions(),
-        "recipe": {"file": str(recipe.file) if recipe.file else None, "sha256": recipe.sha256(),
-                   "resolved": recipe.to_dict()},
-        "model": {"path": recipe.model.path, "identity": context["model_identity"], "device": context["device"],
-                  "dtype": context["dtype"], "checksums": checksums(model_files)},
-        "sae": {"path": scores.sae, "identity": context["sae_identity"], "layer": recipe.sae.layer,
-                "checksums": checksums(resolve_sae_dir(recipe.sae, recipe.base_dir))},
-        "sts": {"score": scores.score, "top_k": scores.top_k, "icl_demos": recipe.target.icl_demos,
-                "seed": recipe.seed, "target_seed": recipe.target_seed, "shifted_latents": scores.shifted_latents,
-                "domains": [{"name": d.name, "sts": d.sts, "baseline": d.baseline, "similarity": d.similarity,
-                             "interval": d.interval} for d in scores.domains]},
+        "recipe": {
+            "file": str(recipe.file) if recipe.file else None,
+            "sha256": recipe.sha256(),
+            "resolved": recipe.to_dict(),
+        },
+        "model": {
+            "path": recipe.model.path,
+            "identity": context["model_identity"],
+            "device": context["device"],
+            "dtype": context["dtype"],
+            "checksums": checksums(model_files),
+        },
+        "sae": {
+            "path": scores.sae,
+            "identity": context["sae_identity"],
+            "layer": recipe.sae.layer,
+            "checksums": checksums(resolve_sae_dir(recipe.sae, recipe.base_dir)),
+        },
+        "sts": {
+            "score": scores.score,
+            "top_k": scores.top_k,
+            "icl_demos": recipe.target.icl_demos,
+            "seed": recipe.seed,
+            "target_seed": recipe.target_seed,
+            "shifted_latents": scores.shifted_latents,
+            "domains": [
+                {
+                    "name": d.name,
+                    "sts": d.sts,
+                    "baseline": d.baseline,
+                    "similarity": d.similarity,
+                    "interval": d.interval,
+                }
+                for d in scores.domains
+            ],
+        },
         "solver": {k: v for k, v in allocation.to_dict().items() if k != "domains"},
-        "allocation": [{"name": d.name, "count": d.count, "tokens": d.tokens, "share": d.share, "epochs": d.epochs}
-                       for d in allocation.domains],
+        "allocation": [
+            {"name": d.name, "count": d.count, "tokens": d.tokens, "share": d.share, "epochs": d.epochs}
+            for d in allocation.domains
+        ],
         "dataset": written,
         "timings_seconds": {k: round(v, 3) for k, v in seconds.items()},
     }
@@ -234,6 +309,7 @@ def manifest_record(recipe: Recipe, scores: Scores, allocation: Any, context: di
 
 def plan_recipe(recipe: Recipe, out: Path, force: bool = False, dry_run: bool = False) -> PlanResult:
     """`mixopt plan`: score, solve, then write mixture, manifest, exports, plots and README atomically."""
+    from mixopt.checks import check_static
     from mixopt.exports import write_exports
     from mixopt.manifest import check_output, staged_output, write_json
     from mixopt.mixture import build_mixture, common_schema, write_mixture
@@ -242,15 +318,15 @@ def plan_recipe(recipe: Recipe, out: Path, force: bool = False, dry_run: bool = 
     from mixopt.solver import limits_from_domains, solve_allocation
     from mixopt.sources import content_hash
 
-    from mixopt.checks import check_static
-
     if not dry_run:
         check_output(out, force)  # fail before the expensive part
     check_static(recipe)
     timings = Timings()
     scores, context = timings.timed("score", lambda: score_recipe(recipe, timings))
-    allocation = timings.timed("solve", lambda: solve_allocation(
-        scores, recipe.allocation, limits_from_domains(recipe.domains), seed=recipe.seed))
+    allocation = timings.timed(
+        "solve",
+        lambda: solve_allocation(scores, recipe.allocation, limits_from_domains(recipe.domains), seed=recipe.seed),
+    )
     if dry_run:
         return PlanResult(scores, allocation, None, seconds=timings.seconds)
     with staged_output(out, force) as staged:
@@ -266,31 +342,40 @@ def plan_recipe(recipe: Recipe, out: Path, force: bool = False, dry_run: bool = 
             write_exports(staged, counts, epochs, schema)
         (staged / "plots").mkdir()
         ranked = scores.ranked()
-        plot_scores([d.name for d in ranked], [d.sts for d in ranked], [d.baseline for d in ranked],
-                    staged / "plots" / "sts.png")
+        plot_scores(
+            [d.name for d in ranked],
+            [d.sts for d in ranked],
+            [d.baseline for d in ranked],
+            staged / "plots" / "sts.png",
+        )
         shares = {d.name: d.share for d in allocation.domains}
         shares = {recipe.target.name: 1 - sum(shares.values())} | shares  # in the budget's unit
-        plot_allocation(list(shares), list(shares.values()), staged / "plots" / "allocation.png",
-                        target=recipe.target.name)
+        plot_allocation(
+            list(shares), list(shares.values()), staged / "plots" / "allocation.png", target=recipe.target.name
+        )
         write_run_readme(staged, allocation_markdown(scores, allocation), counts, epochs, schema, recipe.target.name)
         scores.save(staged / "scores.json")
         allocation.save(staged / "allocation.json")
         written = {"rows": len(mixture), "content_sha256": digest, "schema": schema, "files": files}
-        write_json(staged / "manifest.json", manifest_record(recipe, scores, allocation, context, written,
-                                                             timings.seconds))
+        write_json(
+            staged / "manifest.json", manifest_record(recipe, scores, allocation, context, written, timings.seconds)
+        )
     return PlanResult(scores, allocation, out, len(mixture), digest, timings.seconds)
 
 
 def allocation_markdown(scores: Scores, allocation: Any) -> str:
     """The domain table (STS, baseline, allocation) as markdown, target first."""
     by_name = {d.name: d for d in scores.domains}
-    lines = ["| domain | STS | 95% interval | raw baseline | count | share | epochs |",
-             "| --- | ---: | --- | ---: | ---: | ---: | ---: |",
-             f"| {scores.target.name} (target) | | | | {allocation.target_count} | "
-             f"{allocation.target_fraction:.1%} | |"]
+    lines = [
+        "| domain | STS | 95% interval | raw baseline | count | share | epochs |",
+        "| --- | ---: | --- | ---: | ---: | ---: | ---: |",
+        f"| {scores.target.name} (target) | | | | {allocation.target_count} | {allocation.target_fraction:.1%} | |",
+    ]
     for d in sorted(allocation.domains, key=lambda a: by_name[a.name].sts, reverse=True):
         s = by_name[d.name]
         lo, hi = s.interval or [float("nan")] * 2
-        lines.append(f"| {d.name} | {s.sts:.4g} | [{lo:.4g}, {hi:.4g}] | {s.baseline:.4g} | {d.count} | "
-                     f"{d.share:.1%} | {d.epochs:.2f} |")
+        lines.append(
+            f"| {d.name} | {s.sts:.4g} | [{lo:.4g}, {hi:.4g}] | {s.baseline:.4g} | {d.count} | "
+            f"{d.share:.1%} | {d.epochs:.2f} |"
+        )
     return "\n".join(lines)

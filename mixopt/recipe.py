@@ -80,7 +80,7 @@ def _check_template(template: str | None, field: str) -> None:
     try:
         fields = template_fields(template)
     except ValueError as err:  # unbalanced braces
-        raise ValueError(f"{field} template is not a valid format string ({err}); escape braces as {{{{ }}}}")
+        raise ValueError(f"{field} template is not a valid format string ({err}); escape braces as {{{{ }}}}") from None
     if any(name == "" or name.isdigit() for name in fields):
         raise ValueError(f"{field} template must name columns, e.g. '{{question}}', not '{{}}'")
 
@@ -410,7 +410,9 @@ def _validated(data: Any, file: Path | None, base_dir: Path, yaml_root: yaml.Nod
         # Drop pydantic's union-branch labels (e.g. "list[str]") so the path reads as the YAML does.
         loc = tuple(p for p in first["loc"] if isinstance(p, int) or not re.search(r"[\[\]()]", str(p)))
         raise RecipeError(
-            _friendly(first), file=str(file) if file else None, field=".".join(map(str, loc)) or "(root)",
+            _friendly(first),
+            file=str(file) if file else None,
+            field=".".join(map(str, loc)) or "(root)",
             line=yaml_line(yaml_root, loc),
         ) from None
     recipe._base_dir = base_dir

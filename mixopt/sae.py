@@ -107,9 +107,14 @@ def corpus_encodings(recipe: SAETrainRecipe, lm: LoadedModel) -> list[Encoded]:
 
 def activation_key(recipe: SAETrainRecipe, lm: LoadedModel) -> str:
     """Activations depend on model, layer, corpus and limits, not on the SAE's shape: a sweep reuses them."""
-    fields = {"model": lm.identity, "layer": recipe.layer, "data": [d.model_dump(mode="json") for d in recipe.data],
-              "base": str(recipe.base_dir), "seed": recipe.seed,
-              "max_length": recipe.training.max_length}  # not `tokens`: a longer run extends the same stream
+    fields = {
+        "model": lm.identity,
+        "layer": recipe.layer,
+        "data": [d.model_dump(mode="json") for d in recipe.data],
+        "base": str(recipe.base_dir),
+        "seed": recipe.seed,
+        "max_length": recipe.training.max_length,
+    }  # not `tokens`: a longer run extends the same stream
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -194,8 +199,12 @@ def measure_quality(sae: Any, acts: torch.Tensor, batch: int = 8192) -> dict[str
         raw += x.pow(2).sum().item()
         l0 += (feats > 0).sum().item()
         fired |= (feats > 0).any(0)
-    return {"explained_variance": 1 - err / total, "normalized_mse": err / raw, "mean_l0": l0 / len(acts),
-            "dead_fraction": 1 - fired.float().mean().item()}
+    return {
+        "explained_variance": 1 - err / total,
+        "normalized_mse": err / raw,
+        "mean_l0": l0 / len(acts),
+        "dead_fraction": 1 - fired.float().mean().item(),
+    }
 
 
 def _batches(acts: torch.Tensor, batch_size: int, seed: int, skip: int) -> Iterator[torch.Tensor]:
@@ -229,10 +238,17 @@ def fit_sae(recipe: SAETrainRecipe, acts: torch.Tensor, work: Path) -> Any:
     t = recipe.training
     total = int(t.epochs * len(acts)) // t.batch_size * t.batch_size
     cfg = SAETrainerConfig(
-        total_training_samples=total, train_batch_size_samples=t.batch_size, lr=t.lr, lr_end=t.lr / 10,
-        lr_scheduler_name="cosineannealing", lr_warm_up_steps=min(100, total // t.batch_size // 10),
-        n_checkpoints=t.checkpoints, checkpoint_path=str(work / "checkpoints"), n_batches_for_norm_estimate=50,
-        dead_feature_window=max(50, total // t.batch_size // 10), feature_sampling_window=10**9,
+        total_training_samples=total,
+        train_batch_size_samples=t.batch_size,
+        lr=t.lr,
+        lr_end=t.lr / 10,
+        lr_scheduler_name="cosineannealing",
+        lr_warm_up_steps=min(100, total // t.batch_size // 10),
+        n_checkpoints=t.checkpoints,
+        checkpoint_path=str(work / "checkpoints"),
+        n_batches_for_norm_estimate=50,
+        dead_feature_window=max(50, total // t.batch_size // 10),
+        feature_sampling_window=10**9,
     )
     sae = _training_sae(recipe, acts.shape[1])
     checkpoints = sorted((work / "checkpoints").glob("*/trainer_state.pt"), key=lambda p: p.stat().st_mtime)
@@ -274,8 +290,13 @@ def train_sae(recipe: SAETrainRecipe) -> SAEQuality:
     sae.save_inference_model(staged)
     inference = SAE.load_from_disk(staged, dtype="float32")
     quality = SAEQuality(
-        **measure_quality(inference, heldout), tokens_train=len(train), tokens_heldout=len(heldout),
-        d_in=acts.shape[1], d_sae=recipe.sae.d_sae, architecture=recipe.sae.architecture, layer=recipe.layer,
+        **measure_quality(inference, heldout),
+        tokens_train=len(train),
+        tokens_heldout=len(heldout),
+        d_in=acts.shape[1],
+        d_sae=recipe.sae.d_sae,
+        architecture=recipe.sae.architecture,
+        layer=recipe.layer,
         wall_seconds=round(time.perf_counter() - started, 1),
     )
     _to_fp16(staged)

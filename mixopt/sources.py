@@ -88,8 +88,10 @@ def render_column(ds: datasets.Dataset, template: str) -> list[str]:
 def render(ds: datasets.Dataset, templates: TextTemplates) -> datasets.Dataset:
     """Dataset with the rendered `text`, or `prompt` and `response`, columns (the source's columns dropped)."""
     if templates.is_chat:
-        columns = {"prompt": render_column(ds, templates.prompt or ""),
-                   "response": render_column(ds, templates.response or "")}
+        columns = {
+            "prompt": render_column(ds, templates.prompt or ""),
+            "response": render_column(ds, templates.response or ""),
+        }
     else:
         columns = {"text": render_column(ds, templates.text or "")}
     return datasets.Dataset.from_dict(columns)

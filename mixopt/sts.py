@@ -32,8 +32,9 @@ def domain_score(reduction: Reduction, n_tokens: int, latents: torch.Tensor, var
     return float(reduction.total[latents].sum() / n_tokens)  # act, and icl on the shift reduction
 
 
-def example_scores(reduction: Reduction, example_tokens: torch.Tensor, latents: torch.Tensor,
-                   variant: str) -> np.ndarray:
+def example_scores(
+    reduction: Reduction, example_tokens: torch.Tensor, latents: torch.Tensor, variant: str
+) -> np.ndarray:
     """Each example's own score (same formula over its tokens); their token-weighted mean is the STS."""
     tokens = example_tokens.clamp(min=1).double()
     if variant == "act_sq":
@@ -71,8 +72,9 @@ def random_latents(d_sae: int, k: int, seed: int) -> torch.Tensor:
 def random_control(stats: SourceStats, k: int, seeds: int = 5) -> float:
     """`act` on k random latents, averaged over a few seeds: the floor any score must clear."""
     d_sae = stats.latents.total.numel()
-    return float(np.mean([domain_score(stats.latents, stats.n_tokens, random_latents(d_sae, k, s), "act")
-                          for s in range(seeds)]))
+    return float(
+        np.mean([domain_score(stats.latents, stats.n_tokens, random_latents(d_sae, k, s), "act") for s in range(seeds)])
+    )
 
 
 def name_seed(seed: int, name: str) -> int:

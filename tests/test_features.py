@@ -31,7 +31,9 @@ def sae():
 
 
 def _examples(lm: LoadedModel, n: int = 9):
-    pairs = [(f"What is {i} plus {i * 7}?", f"{i} + {i * 7} = {8 * i}. #### {8 * i}" + " ok" * (i % 4)) for i in range(n)]
+    pairs = [
+        (f"What is {i} plus {i * 7}?", f"{i} + {i * 7} = {8 * i}. #### {8 * i}" + " ok" * (i % 4)) for i in range(n)
+    ]
     return [encode_chat(lm.tokenizer, p, r, 512) for p, r in pairs]
 
 
@@ -104,12 +106,13 @@ def test_icl_shift__compares_the_querys_own_ids_position_by_position(lm: LoadedM
     result = run_pass(lm, sae, LAYER, examples, prefix, 512, "t")
     e = examples[1]
     ids0, ids1 = torch.tensor([e.ids]), torch.tensor([prefix + e.ids])
-    assert ids1[0, len(prefix):].tolist() == e.ids  # the query's ids are identical with and without demos
+    assert ids1[0, len(prefix) :].tolist() == e.ids  # the query's ids are identical with and without demos
     counted = torch.tensor(e.counted)
     f0 = sae.encode(residual_stream(lm.model, ids0, torch.ones_like(ids0), LAYER)[0][counted])
-    f1 = sae.encode(residual_stream(lm.model, ids1, torch.ones_like(ids1), LAYER)[0, len(prefix):][counted])
-    torch.testing.assert_close(result.shift.latents.per_example[1].double(), (f1 - f0).square().sum(0).double(),
-                               rtol=1e-4, atol=1e-5)
+    f1 = sae.encode(residual_stream(lm.model, ids1, torch.ones_like(ids1), LAYER)[0, len(prefix) :][counted])
+    torch.testing.assert_close(
+        result.shift.latents.per_example[1].double(), (f1 - f0).square().sum(0).double(), rtol=1e-4, atol=1e-5
+    )
     assert result.shift.latents.total.sum() > 0
 
 
@@ -151,8 +154,12 @@ def test_score_cli__cached_second_run_does_no_forward_pass(workspace: Path, monk
 def test_score_cli__sae_width_mismatch_is_one_line_exit_2(workspace: Path, tmp_path: Path) -> None:
     tiny_sae(d_in=16, layer=LAYER).save_model(tmp_path / "narrow")
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(workspace.read_text().replace("path: ./sae", f"path: {tmp_path / 'narrow'}")
-                      .replace("data/", f"{workspace.parent}/data/").replace("./model", str(workspace.parent / "model")))
+    recipe.write_text(
+        workspace.read_text()
+        .replace("path: ./sae", f"path: {tmp_path / 'narrow'}")
+        .replace("data/", f"{workspace.parent}/data/")
+        .replace("./model", str(workspace.parent / "model"))
+    )
     result = CliRunner().invoke(cli, ["score", str(recipe)])
     assert result.exit_code == 2
     assert "SAE input width 16 != model hidden size 32" in result.output
@@ -160,8 +167,12 @@ def test_score_cli__sae_width_mismatch_is_one_line_exit_2(workspace: Path, tmp_p
 
 def test_score_cli__layer_out_of_range_is_one_line_exit_2(workspace: Path, tmp_path: Path) -> None:
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(workspace.read_text().replace("layer: 1", "layer: 7").replace("./", f"{workspace.parent}/")
-                      .replace("data/", f"{workspace.parent}/data/"))
+    recipe.write_text(
+        workspace.read_text()
+        .replace("layer: 1", "layer: 7")
+        .replace("./", f"{workspace.parent}/")
+        .replace("data/", f"{workspace.parent}/data/")
+    )
     result = CliRunner().invoke(cli, ["score", str(recipe)])
     assert result.exit_code == 2
     assert "sae.layer 7 is out of range: the model has blocks 0..1" in result.output

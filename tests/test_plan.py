@@ -27,10 +27,13 @@ def planned(workspace: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_plan__mixture_loads_in_a_fresh_process_with_the_budgeted_rows(planned: Path) -> None:
-    code = ("import datasets, json, sys; ds = datasets.load_from_disk(sys.argv[1]); "
-            "print(json.dumps({'rows': len(ds), 'columns': ds.column_names, 'domains': list(ds['domain'])}))")
-    out = subprocess.run([sys.executable, "-c", code, str(planned / "mixture")], capture_output=True, text=True,
-                         check=True)
+    code = (
+        "import datasets, json, sys; ds = datasets.load_from_disk(sys.argv[1]); "
+        "print(json.dumps({'rows': len(ds), 'columns': ds.column_names, 'domains': list(ds['domain'])}))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(planned / "mixture")], capture_output=True, text=True, check=True
+    )
     loaded = json.loads(out.stdout)
     assert loaded["rows"] == 60
     assert set(loaded["columns"]) == {"text", "domain", "source_index"}  # text: the domains are plain text
@@ -49,8 +52,16 @@ def test_plan__manifest_records_how_the_mixture_was_made(planned: Path) -> None:
     assert len(manifest["sts"]["shifted_latents"]) == 8
     assert manifest["solver"]["status"] in {"optimal", "optimal_inaccurate"}
     assert set(manifest["versions"]) >= {"mixopt", "torch", "transformers", "sae-lens", "datasets", "cvxpy"}
-    for name in ("scores.json", "allocation.json", "README.md", "plots/sts.png", "plots/allocation.png",
-                 "exports/llamafactory_dataset_info.json", "exports/axolotl.yaml", "exports/megatron_blend.txt"):
+    for name in (
+        "scores.json",
+        "allocation.json",
+        "README.md",
+        "plots/sts.png",
+        "plots/allocation.png",
+        "exports/llamafactory_dataset_info.json",
+        "exports/axolotl.yaml",
+        "exports/megatron_blend.txt",
+    ):
         assert (planned / name).stat().st_size > 0, name
 
 

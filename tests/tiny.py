@@ -31,8 +31,9 @@ def tiny_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tok.train_from_iterator(CORPUS * 4, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<|im_end|>")
     fast.chat_template = CHATML
@@ -43,9 +44,16 @@ def tiny_llama(vocab_size: int, layers: int = 2, seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                         pad_token_id=0)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        pad_token_id=0,
+    )
     return LlamaForCausalLM(config).eval()
 
 
@@ -75,11 +83,15 @@ def write_workspace(root: Path, layer: int = 1) -> Path:
     tiny_sae(layer=layer).save_model(root / "sae")
     data = root / "data"
     data.mkdir()
-    write_jsonl(data / "math.jsonl", [{"q": f"What is {a} plus {a + 3}?", "a": f"{a} + {a + 3} = {2 * a + 3}. #### {2 * a + 3}"}
-                                      for a in range(40)])
-    topics = {"law": "The court held that clause {i} of the contract was void.",
-              "chem": "Compound {i} boils at {i}0 degrees and dissolves in water.",
-              "code": "def f{i}(x): return x * {i}  # multiply by {i}"}
+    write_jsonl(
+        data / "math.jsonl",
+        [{"q": f"What is {a} plus {a + 3}?", "a": f"{a} + {a + 3} = {2 * a + 3}. #### {2 * a + 3}"} for a in range(40)],
+    )
+    topics = {
+        "law": "The court held that clause {i} of the contract was void.",
+        "chem": "Compound {i} boils at {i}0 degrees and dissolves in water.",
+        "code": "def f{i}(x): return x * {i}  # multiply by {i}",
+    }
     for name, pattern in topics.items():
         write_jsonl(data / f"{name}.jsonl", [{"text": pattern.format(i=i)} for i in range(30)])
     recipe = root / "recipe.yaml"
