@@ -34,7 +34,7 @@ demo: install
 	$(MIXOPT) plan recipes/quickstart.yaml --budget 2000 --force
 
 bench: install
-	$(PY) benchmarks/bench_solver.py
+	$(PY) benchmarks/run_all.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -17,7 +17,6 @@ import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, fields
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -113,8 +112,10 @@ def _counted_mask(rows: list[Encoded], offsets: list[int], width: int) -> torch.
 
 
 def _encode_counted(lm: LoadedModel, sae: Any, layer: int, ids: list[list[int]], mask: torch.Tensor):
-    input_ids, attention = pad_right(ids, lm.tokenizer.pad_token_id or 0, lm.device)
-    resid = residual_stream(lm.model, input_ids, attention, layer)  # (batch, seq, d_model)
+    input_ids, _ = pad_right(ids, lm.tokenizer.pad_token_id or 0, lm.device)
+    # No attention mask: rows are right-padded, so under the causal mask real tokens never see padding,
+    # and SDPA's is_causal path is faster than an explicit mask (padding outputs are dropped below).
+    resid = residual_stream(lm.model, input_ids, None, layer)  # (batch, seq, d_model)
     h = resid[mask.to(lm.device)]  # (counted tokens, d_model), row-major: aligned across ICL/zero-shot
     with torch.inference_mode():
         return h.float(), sae.encode(h.float()).float()  # (tokens, d_model), (tokens, d_sae)
@@ -130,7 +131,11 @@ def run_pass(
         Reduction.empty(n, d_sae),
         Reduction.empty(n, d_model),
     )
-    shift = SourceStats(stats.example_tokens.clone(), Reduction.empty(n, d_sae), Reduction.empty(n, d_model))
+    shift = (
+        SourceStats(stats.example_tokens.clone(), Reduction.empty(n, d_sae), Reduction.empty(n, d_model))
+        if prefix
+        else None
+    )
     lengths = [len(prefix) + len(e) for e in examples]  # the ICL row is the longest: it sets the budget
     with tqdm(total=stats.n_tokens, unit="tok", unit_scale=True, desc=desc, leave=False) as bar:
         for batch in length_batches(lengths, batch_tokens):
@@ -140,13 +145,13 @@ def run_pass(
             h0, f0 = _encode_counted(lm, sae, layer, [r.ids for r in rows], zero_mask)
             stats.latents.update(f0, example)
             stats.resid.update(h0, example)
-            if prefix:
+            if shift is not None:
                 icl_mask = _counted_mask(rows, [len(prefix)] * len(rows), len(prefix) + max(len(r) for r in rows))
                 h1, f1 = _encode_counted(lm, sae, layer, [prefix + r.ids for r in rows], icl_mask)
                 shift.latents.update((f1 - f0).square(), example)
                 shift.resid.update((h1 - h0).square(), example)
             bar.update(len(example))
-    return PassResult(stats, shift if prefix else None)
+    return PassResult(stats, shift)
 
 
 # ---------------------------------------------------------------- cache
@@ -180,7 +185,3 @@ def cached_pass(key: str, compute: Callable[[], PassResult]) -> tuple[PassResult
     save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
     os.replace(tmp, path)  # a killed run leaves no half-written entry
     return result, False
-
-
-def cache_path_for(key: str) -> Path:
-    return cache_dir() / "features" / f"{key}.safetensors"

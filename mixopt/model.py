@@ -181,7 +181,7 @@ class _Stop(Exception):
 
 @torch.inference_mode()
 def residual_stream(
-    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, layer: int
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, layer: int
 ) -> torch.Tensor:
     """Residual stream after block `layer` (= `hidden_states[layer + 1]`), computing no later block.
 
