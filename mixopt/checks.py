@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 
 from mixopt.errors import MixoptError, RecipeError
-from mixopt.recipe import Recipe, SAETrainRecipe, SourceSpec, TextTemplates, load_any_recipe, yaml_line
+from mixopt.recipe import Recipe, SAETrainRecipe, SourceSpec, TextTemplates, ValidateRecipe, load_any_recipe, yaml_line
 from mixopt.sources import check_columns, describe, load_source
 
 
@@ -46,9 +46,17 @@ def _check_source(source: SourceSpec, templates: TextTemplates, base_dir: Path, 
     return len(ds)
 
 
-def _sections(recipe: Recipe | SAETrainRecipe) -> list[tuple[str, SourceSpec, TextTemplates, int | None]]:
+def _sections(
+    recipe: Recipe | SAETrainRecipe | ValidateRecipe,
+) -> list[tuple[str, SourceSpec, TextTemplates, int | None]]:
     if isinstance(recipe, SAETrainRecipe):
         return [(f"data.{i}.source", d.source, d, d.max_examples) for i, d in enumerate(recipe.data)]
+    if isinstance(recipe, ValidateRecipe):  # sources and domains carry their own `columns()` (duck-typed templates)
+        sections = [(f"sources.{i}.source", s.source, s, s.max_examples) for i, s in enumerate(recipe.sources)]
+        return sections + [
+            (f"domains.{i}.source", d.source, d, d.max_examples)  # type: ignore[misc]
+            for i, d in enumerate(recipe.domains)
+        ]
     sections = [("target.source", recipe.target.source, recipe.target, recipe.target.max_examples)]
     return sections + [(f"domains.{i}.source", d.source, d, d.max_examples) for i, d in enumerate(recipe.domains)]
 
@@ -74,7 +82,7 @@ def _check_feasible(recipe: Recipe, available: dict[str, int]) -> None:
         raise MixoptError(f"{conflicts[0]} (change allocation or the domains' shares)")
 
 
-def _check_model_and_sae(recipe: Recipe | SAETrainRecipe) -> tuple[str, MixoptError] | None:
+def _check_model_and_sae(recipe: Recipe | SAETrainRecipe | ValidateRecipe) -> tuple[str, MixoptError] | None:
     """Model and SAE can be found (nothing is loaded: a GGUF is not dequantized here)."""
     from mixopt.model import BUILTIN_MODELS, builtin_gguf
 
@@ -88,7 +96,7 @@ def _check_model_and_sae(recipe: Recipe | SAETrainRecipe) -> tuple[str, MixoptEr
             raise MixoptError(f"model not found: {path} (relative paths resolve against the recipe file)")
     except MixoptError as err:
         return "model.path", err
-    if isinstance(recipe, Recipe):
+    if isinstance(recipe, Recipe | ValidateRecipe):
         from mixopt.sae import resolve_sae_dir
 
         try:
@@ -106,7 +114,20 @@ class _Located(MixoptError):
         self.field, self.error = field, error
 
 
-def _static_problems(recipe: Recipe | SAETrainRecipe) -> None:
+def _check_sizes(recipe: ValidateRecipe, field: str, rows: int) -> None:
+    """Enough rows to hold out evaluation items (domains) or held-out rows (sources) and still work."""
+    kind, index = field.split(".")[:2]
+    if rows < 0:
+        return  # hub source: counted when a run loads it
+    if kind == "domains" and rows < (need := recipe.split.eval_items + recipe.split.min_scoring_items):
+        raise MixoptError(
+            f"{rows} rows, but split.eval_items + split.min_scoring_items need {need}; lower them or drop the domain"
+        )
+    if kind == "sources" and rows < (need := recipe.split.source_heldout + recipe.schedule.batch_size):
+        raise MixoptError(f"{rows} rows, but split.source_heldout + schedule.batch_size need {need}; lower them")
+
+
+def _static_problems(recipe: Recipe | SAETrainRecipe | ValidateRecipe) -> None:
     """Raise _Located for the first problem: model/SAE, sources and columns, then feasibility."""
     if located := _check_model_and_sae(recipe):
         raise _Located(*located)
@@ -116,6 +137,11 @@ def _static_problems(recipe: Recipe | SAETrainRecipe) -> None:
             rows = _check_source(source, templates, recipe.base_dir, field)
         except MixoptError as err:
             raise _Located(field, err) from None
+        if isinstance(recipe, ValidateRecipe):
+            try:
+                _check_sizes(recipe, field, min(rows, cap) if cap and rows >= 0 else rows)
+            except MixoptError as err:
+                raise _Located(field, err) from None
         name = field
         if isinstance(recipe, Recipe):
             name = recipe.target.name if field == "target.source" else recipe.domains[int(field.split(".")[1])].name
@@ -127,7 +153,7 @@ def _static_problems(recipe: Recipe | SAETrainRecipe) -> None:
             raise _Located("allocation", err) from None
 
 
-def check_static(recipe: Recipe) -> None:
+def check_static(recipe: Recipe | ValidateRecipe) -> None:
     """Everything `mixopt check` verifies, on an in-memory recipe (e.g. with --budget applied): raises
     the first problem as a MixoptError naming the field. `plan` calls it before loading the model."""
     try:

@@ -15,14 +15,16 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib.util
-import json
+import inspect
 import os
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -181,13 +183,19 @@ class _Stop(Exception):
 
 @torch.inference_mode()
 def residual_stream(
-    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, layer: int
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    layer: int,
+    prefix: Any | None = None,
 ) -> torch.Tensor:
     """Residual stream after block `layer` (= `hidden_states[layer + 1]`), computing no later block.
 
     A forward hook captures the block's output and stops the pass: ~3x cheaper than
     `output_hidden_states=True` at three quarters depth, and unlike lowering `num_hidden_layers`
-    it does not apply the final norm.  Shapes: ids (batch, seq) -> (batch, seq, d_model).
+    it does not apply the final norm.  `prefix` (from `prefix_cache`) is a shared context every row
+    continues, e.g. in-context demonstrations: computed once, not once per row.
+    Shapes: ids (batch, seq) -> (batch, seq, d_model), positions of `input_ids` only.
     """
     block = decoder_layers(model)[layer]
     captured: list[torch.Tensor] = []
@@ -196,9 +204,18 @@ def residual_stream(
         captured.append(output[0] if isinstance(output, tuple) else output)  # type: ignore[index]
         raise _Stop
 
+    cache = None
+    if prefix is not None:  # each call extends its own copy, so the prefix stays reusable
+        cache = copy.deepcopy(prefix)
+        cache.batch_repeat_interleave(input_ids.shape[0])
     handle = block.register_forward_hook(capture)
     try:
-        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            use_cache=cache is not None,
+            **_cache_kwarg(model, cache),
+        )
     except _Stop:
         pass
     finally:
@@ -206,15 +223,31 @@ def residual_stream(
     return captured[0]
 
 
-def model_card(spec: ModelSpec, lm: LoadedModel) -> dict[str, object]:
-    """Identity of the model for manifests."""
-    return {
-        "path": spec.path,
-        "identity": lm.identity,
-        "class": type(lm.model).__name__,
-        "n_layers": lm.n_layers,
-        "hidden_size": lm.hidden_size,
-        "dtype": str(lm.dtype).removeprefix("torch."),
-        "device": str(lm.device),
-        "config": json.loads(lm.model.config.to_json_string())["model_type"],
-    }
+def _cache_kwarg(model: nn.Module, cache: Any | None) -> dict[str, Any]:
+    """transformers >= 5.24 names the argument `cache`; earlier versions `past_key_values`."""
+    if cache is None:
+        return {}
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return {name: cache}
+
+
+@torch.inference_mode()
+def prefix_cache(model: nn.Module, prefix_ids: list[int], layer: int, device: torch.device) -> Any:
+    """Keys and values of `prefix_ids` for blocks 0..layer (a transformers DynamicCache), batch size 1."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    ids = torch.tensor([prefix_ids], dtype=torch.long, device=device)
+    block = decoder_layers(model)[layer]
+
+    def stop(*_: object) -> None:
+        raise _Stop
+
+    handle = block.register_forward_hook(stop)
+    try:
+        model(input_ids=ids, use_cache=True, **_cache_kwarg(model, cache))
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    return cache

@@ -342,6 +342,174 @@ class SAETrainRecipe(Section):
         return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+class MCQTemplates(Section):
+    """How a multiple-choice row becomes a question, its choices and the correct choice."""
+
+    question: str = "{question}"
+    choices: Annotated[list[str], Field(min_length=2, max_length=26)] = ["{A}", "{B}", "{C}", "{D}"]
+    answer: str = "{answer}"  # renders to the correct choice's letter (A, B, ...) or its 0-based index
+
+    @model_validator(mode="after")
+    def _templates(self) -> MCQTemplates:
+        for field, template in [("question", self.question), ("answer", self.answer)]:
+            _check_template(template, field)
+        for i, template in enumerate(self.choices):
+            _check_template(template, f"choices.{i}")
+        return self
+
+    def columns(self) -> list[str]:
+        return sorted({name for t in [self.question, self.answer, *self.choices] for name in template_fields(t)})
+
+
+class FinetuneSourceSpec(Section):
+    """A fine-tuning source of `mixopt validate`: `prompt` + `response` templates, or a multiple-choice
+    source (`mcq`) trained as question -> the correct answer's text."""
+
+    name: Name
+    source: SourceSpec
+    prompt: str | None = None
+    response: str | None = None
+    mcq: MCQTemplates | None = None
+    max_examples: Annotated[int, Field(gt=0)] | None = None
+    icl_demos: Annotated[int, Field(ge=0, le=16)] = 2  # m demonstrations for the STS shift estimate
+
+    @model_validator(mode="after")
+    def _one_format(self) -> FinetuneSourceSpec:
+        _check_template(self.prompt, "prompt")
+        _check_template(self.response, "response")
+        chat = self.prompt is not None and self.response is not None
+        if (self.prompt is None) != (self.response is None):
+            raise ValueError("give both 'prompt' and 'response' templates (or an 'mcq' block)")
+        if chat == (self.mcq is not None):
+            raise ValueError("give either 'prompt' + 'response' templates or an 'mcq' block, not both")
+        return self
+
+    def columns(self) -> list[str]:
+        if self.mcq is not None:
+            return self.mcq.columns()
+        return sorted({name for t in (self.prompt or "", self.response or "") for name in template_fields(t)})
+
+
+class EvalDomainSpec(Section):
+    """An evaluation domain of `mixopt validate`: multiple-choice items, split into a scoring part (STS)
+    and a held-out evaluation part (measured before and after each fine-tune)."""
+
+    name: Name
+    source: SourceSpec
+    mcq: MCQTemplates = MCQTemplates()
+    max_examples: Annotated[int, Field(gt=0)] | None = None
+
+    def columns(self) -> list[str]:
+        return self.mcq.columns()
+
+
+class SplitSpec(Section):
+    eval_items: Annotated[int, Field(ge=4)] = 60  # held-out evaluation items per domain; the rest is scored
+    min_scoring_items: Annotated[int, Field(ge=1)] = 20  # a domain needs at least this many left to score
+    source_heldout: Annotated[int, Field(ge=2)] = 100  # items per source never trained on: its own gain
+
+
+class ScheduleSpec(Section):
+    steps: Annotated[int, Field(gt=0)] = 150  # optimizer steps per fine-tune
+    batch_size: Annotated[int, Field(gt=0)] = 8  # examples per step; steps x batch_size is the budget
+    lr: Annotated[float, Field(gt=0)] = 1e-4  # AdamW peak learning rate (linear warmup, cosine to lr/10)
+    warmup_steps: Annotated[int, Field(ge=0)] = 10
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    max_length: Annotated[int, Field(gt=0)] = 384  # training examples are truncated to this many tokens
+    checkpoint_every: Annotated[int, Field(gt=0)] = 25  # steps; a stopped run resumes from the last one
+
+    @model_validator(mode="after")
+    def _warmup(self) -> ScheduleSpec:
+        if self.warmup_steps >= self.steps:
+            raise ValueError(f"warmup_steps {self.warmup_steps} >= steps {self.steps}; lower warmup_steps")
+        return self
+
+    @property
+    def budget(self) -> int:
+        """Training examples one fine-tune sees (repeats included)."""
+        return self.steps * self.batch_size
+
+
+class EvaluationSpec(Section):
+    max_length: Annotated[int, Field(gt=0)] = 1024  # longer evaluation items are left out (and counted)
+    batch_tokens: Annotated[int, Field(gt=0)] = 4096  # padded tokens per forward batch
+    bootstrap: Annotated[int, Field(ge=0)] = 1000  # resamples for standard errors and 95% intervals
+    split_halves: Annotated[int, Field(gt=0)] = 20  # random half splits averaged for reliability
+    min_reliability: Annotated[float, Field(ge=0, le=1)] = 0.7  # a metric's change counts only above this
+
+
+class CompareSpec(Section):
+    """`--compare-mixtures`: target only, target + uniform replay, target + mixopt's allocation."""
+
+    target: Name | None = None  # which source is the fine-tuning target; default: the first source
+    metric: Literal["answer_nll", "cloze_nll", "letter_mass", "accuracy", "letter_nll"] = "letter_mass"
+    allocation: AllocationSpec = AllocationSpec()  # budget: the schedule's steps x batch_size
+
+    @model_validator(mode="after")
+    def _no_budget(self) -> CompareSpec:
+        if self.allocation.budget is not None or self.allocation.unit != "examples":
+            raise ValueError("compare.allocation: leave out budget and unit; the budget is steps x batch_size examples")
+        return self
+
+
+class ValidateOutputSpec(Section):
+    dir: str | None = None  # run folder, relative to the recipe file; default runs/<recipe file stem>
+
+
+class ValidateRecipe(Section):
+    """`mixopt validate` recipe: fine-tune on each source for real and check which scores forecast the change."""
+
+    kind: Literal["validate"]
+    description: str | None = None
+    seed: int = 0
+    model: ModelSpec
+    sae: SAESpec
+    sources: Annotated[list[FinetuneSourceSpec], Field(min_length=1)]
+    domains: Annotated[list[EvalDomainSpec], Field(min_length=3)]  # a correlation needs at least 3 points
+    split: SplitSpec = SplitSpec()
+    schedule: ScheduleSpec = ScheduleSpec()
+    sts: STSSpec = STSSpec()
+    evaluation: EvaluationSpec = EvaluationSpec()
+    compare: CompareSpec = CompareSpec()
+    output: ValidateOutputSpec = ValidateOutputSpec()
+
+    _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
+    _file: Path | None = PrivateAttr(default=None)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ValidateRecipe:
+        names = [s.name for s in self.sources] + [d.name for d in self.domains]
+        if dupes := sorted({n for n in names if names.count(n) > 1}):
+            raise ValueError(f"source and domain names must be unique; repeated: {', '.join(dupes)}")
+        sources = [s.name for s in self.sources]
+        if self.compare.target is not None and self.compare.target not in sources:
+            raise ValueError(f"compare.target '{self.compare.target}' is not a source; use one of {', '.join(sources)}")
+        return self
+
+    @property
+    def base_dir(self) -> Path:
+        return self._base_dir
+
+    @property
+    def file(self) -> Path | None:
+        return self._file
+
+    @property
+    def stem(self) -> str:
+        return self._file.stem if self._file else "validate"
+
+    @property
+    def compare_target(self) -> str:
+        return self.compare.target or self.sources[0].name
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True)
+
+    def sha256(self) -> str:
+        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+
 _ENV = re.compile(r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?::-(?P<default>[^}]*))?\}")
 
 
@@ -402,7 +570,7 @@ def _friendly(error: dict[str, Any]) -> str:
 
 
 def _validated(data: Any, file: Path | None, base_dir: Path, yaml_root: yaml.Node | None) -> Any:
-    schema: type[BaseModel] = SAETrainRecipe if data.get("kind") == "sae-train" else Recipe
+    schema: type[BaseModel] = {"sae-train": SAETrainRecipe, "validate": ValidateRecipe}.get(data.get("kind"), Recipe)
     try:
         recipe = schema.model_validate(data)
     except ValidationError as err:
@@ -423,6 +591,8 @@ def _validated(data: Any, file: Path | None, base_dir: Path, yaml_root: yaml.Nod
 def load_recipe(path: str | os.PathLike[str]) -> Recipe:
     """Read, expand and validate a plan recipe. Raises RecipeError with the file, field and line."""
     recipe = load_any_recipe(path)
+    if isinstance(recipe, ValidateRecipe):
+        raise RecipeError("this is a validation recipe; run it with `mixopt validate`", file=str(path))
     if not isinstance(recipe, Recipe):
         raise RecipeError("this is an SAE training recipe; run it with `mixopt sae train`", file=str(path))
     return recipe
@@ -436,8 +606,16 @@ def load_sae_recipe(path: str | os.PathLike[str]) -> SAETrainRecipe:
     return recipe
 
 
-def load_any_recipe(path: str | os.PathLike[str]) -> Recipe | SAETrainRecipe:
-    """Read, expand and validate a recipe of either kind (a plan recipe, or `kind: sae-train`)."""
+def load_validate_recipe(path: str | os.PathLike[str]) -> ValidateRecipe:
+    """Read, expand and validate a `mixopt validate` recipe (`kind: validate`)."""
+    recipe = load_any_recipe(path)
+    if not isinstance(recipe, ValidateRecipe):
+        raise RecipeError("not a validation recipe: add `kind: validate` (see recipes/README.md)", file=str(path))
+    return recipe
+
+
+def load_any_recipe(path: str | os.PathLike[str]) -> Recipe | SAETrainRecipe | ValidateRecipe:
+    """Read, expand and validate a recipe of any kind (plan, `kind: sae-train` or `kind: validate`)."""
     file = Path(path)
     if not file.is_file():
         raise RecipeError("recipe file not found; check the path", file=str(file))

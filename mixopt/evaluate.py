@@ -1,0 +1,308 @@
+"""Evaluate: per-item capability metrics on multiple-choice items, and the statistics that say which
+changes are signal (bootstrap errors, split-half reliability, correlations with intervals).
+
+Metrics of one item (question q, choices c_1..c_n, correct choice a), all read from next-token log-probs
+in the model's chat template, content tokens only:
+- `answer_nll`:  mean over the reply's tokens of -log p(token), prompt = q with lettered choices, reply = c_a
+- `cloze_nll`:   the same with prompt = q alone (the choices are not shown)
+- `letter_mass`: sum over letters L of p(L | prompt = q with choices, reply start "Answer:")
+- `accuracy`:    1 if the correct letter has the highest logit among the letters, else 0
+- `letter_nll`:  -log p(correct letter) at the same position (unnormalised: mass off the letters counts)
+One model-facing function (`next_token_logprobs`) runs the forwards; everything else is pure.
+
+Example:
+    >>> lp = torch.log_softmax(torch.tensor([[2.0, 1.0, 0.0, -1.0, 3.0]]), -1)[0]
+    >>> letter_metrics(lp[[0, 1, 2, 3]].numpy(), answer=0)["accuracy"]
+    1.0
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from mixopt.batching import length_batches, pad_right
+from mixopt.encoding import encode_chat
+from mixopt.errors import ModelError
+from mixopt.model import LoadedModel
+
+METRICS = ("answer_nll", "cloze_nll", "letter_mass", "accuracy", "letter_nll")
+HIGHER_IS_BETTER = {"answer_nll": False, "cloze_nll": False, "letter_mass": True, "accuracy": True, "letter_nll": False}
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+REPLY_START = "Answer:"  # the letter is read at the token after this, e.g. "Answer: B"
+
+
+def content_key(text: str, seed: int = 0) -> str:
+    """sha256 of `seed` and the text: the same on every process and machine (Python's hash() is salted)."""
+    return hashlib.sha256(f"{seed}\x00{text}".encode()).hexdigest()
+
+
+def normalized(text: str) -> str:
+    """Text compared for overlap: case and whitespace runs do not matter."""
+    return " ".join(text.casefold().split())
+
+
+@dataclass(frozen=True)
+class MCQItem:
+    question: str
+    choices: tuple[str, ...]
+    answer: int  # index of the correct choice
+
+    @property
+    def text(self) -> str:
+        """What the content hash covers: the question and its choices."""
+        return "\n".join([self.question, *self.choices])
+
+    @property
+    def letter(self) -> str:
+        return LETTERS[self.answer]
+
+    @property
+    def answer_text(self) -> str:
+        return self.choices[self.answer]
+
+    @property
+    def prompt(self) -> str:
+        """The question with lettered choices, as the model sees it for `answer_nll` and the letters."""
+        return "\n".join([self.question, *(f"{LETTERS[i]}. {c}" for i, c in enumerate(self.choices))])
+
+
+def parse_answer(value: str, n_choices: int) -> int:
+    """The correct choice's index from a letter ("B", "b", "B.") or a 0-based index ("1"); ValueError if neither."""
+    text = value.strip().rstrip(".").strip()
+    if len(text) == 1 and text.upper() in LETTERS[:n_choices]:
+        return LETTERS.index(text.upper())
+    if text.isdigit() and int(text) < n_choices:
+        return int(text)
+    raise ValueError(f"answer '{value}' is not a letter A-{LETTERS[n_choices - 1]} or an index 0-{n_choices - 1}")
+
+
+# ---------------------------------------------------------------------------------------- queries
+
+
+@dataclass(frozen=True)
+class Query:
+    """One forward's worth of reading: the log-probs of `targets[i]` as the token after `positions[i]`."""
+
+    ids: list[int]
+    positions: list[int]  # ascending
+    targets: list[list[int]]  # the same number of candidate ids at every position
+
+
+def reply_query(tokenizer: object, prompt: str, reply: str, max_length: int) -> Query | None:
+    """Read the reply's own tokens (teacher forcing); None if the example is longer than `max_length`."""
+    enc = encode_chat(tokenizer, prompt, reply, max_length=1 << 30)
+    if len(enc) > max_length:
+        return None
+    where = [t for t, is_reply in enumerate(enc.response) if is_reply and t > 0]
+    if not where:
+        raise ModelError(f"reply '{reply[:40]}' has no tokens after encoding; the item cannot be scored")
+    return Query(enc.ids, [t - 1 for t in where], [[enc.ids[t]] for t in where])
+
+
+def letter_query(tokenizer: object, prompt: str, n_choices: int, max_length: int) -> Query | None:
+    """Read the letters' log-probs after the reply start "Answer:" (one position, one candidate per letter)."""
+    encodings = [encode_chat(tokenizer, prompt, f"{REPLY_START} {LETTERS[i]}", 1 << 30).ids for i in range(n_choices)]
+    prefix = 0
+    while all(len(e) > prefix for e in encodings) and len({e[prefix] for e in encodings}) == 1:
+        prefix += 1  # the token ids all choices share: template, prompt, "Answer:" (and a lone space)
+    letters = [e[prefix] if len(e) > prefix else -1 for e in encodings]
+    if prefix == 0 or len(set(letters)) != n_choices or -1 in letters:
+        raise ModelError(
+            "the tokenizer does not give each answer letter its own token after 'Answer:'; "
+            "letter metrics need single-token letters"
+        )
+    if prefix > max_length:
+        return None
+    return Query(encodings[0][:prefix], [prefix - 1], [letters])
+
+
+@torch.inference_mode()
+def next_token_logprobs(lm: LoadedModel, queries: Sequence[Query], batch_tokens: int, desc: str) -> list[np.ndarray]:
+    """For each query, (positions, candidates) log-probs of its candidate ids as the next token.
+
+    Only the read positions go through the LM head (`logits_to_keep` as a boolean mask, transformers >= 5):
+    a 49k-token vocabulary at every position would cost more memory than the model itself.
+    """
+    out: list[np.ndarray] = [np.empty(0)] * len(queries)
+    with tqdm(total=sum(len(q.ids) for q in queries), unit="tok", unit_scale=True, desc=desc, leave=False) as bar:
+        for batch in length_batches([len(q.ids) for q in queries], batch_tokens):
+            rows = [queries[i] for i in batch]
+            ids, attention = pad_right([q.ids for q in rows], lm.tokenizer.pad_token_id or 0, lm.device)
+            keep = torch.zeros_like(ids, dtype=torch.bool)
+            for b, q in enumerate(rows):
+                keep[b, q.positions] = True
+            logits = lm.model(input_ids=ids, attention_mask=attention, logits_to_keep=keep, use_cache=False).logits
+            logprobs = logits.reshape(-1, logits.shape[-1]).float().log_softmax(-1)  # (kept positions, vocab)
+            start = 0  # boolean indexing keeps row-major order: row by row, positions ascending
+            for i, q in zip(batch, rows, strict=True):
+                block = logprobs[start : start + len(q.positions)]
+                targets = torch.tensor(q.targets, device=block.device)
+                out[i] = block.gather(1, targets).cpu().numpy()  # (positions, candidates)
+                start += len(q.positions)
+            bar.update(sum(len(q.ids) for q in rows))
+    return out
+
+
+# ---------------------------------------------------------------------------------------- metrics
+
+
+def reply_nll(logprobs: np.ndarray) -> float:
+    """Mean negative log-likelihood per reply token; `logprobs` is (reply tokens, 1)."""
+    return float(-logprobs[:, 0].mean())
+
+
+def letter_metrics(letter_logprobs: np.ndarray, answer: int) -> dict[str, float]:
+    """`letter_mass`, `accuracy` and `letter_nll` from the letters' log-probs, (n_choices,)."""
+    lp = np.asarray(letter_logprobs, dtype=np.float64).reshape(-1)
+    return {
+        "letter_mass": float(np.exp(lp).sum()),
+        "accuracy": float(np.argmax(lp) == answer),
+        "letter_nll": float(-lp[answer]),
+    }
+
+
+def score_items(
+    lm: LoadedModel, items: Sequence[MCQItem], max_length: int, batch_tokens: int, desc: str = "evaluate"
+) -> dict[str, np.ndarray]:
+    """Every metric for every item, (items,) each; NaN for an item longer than `max_length` tokens."""
+    answer, cloze, letters = [], [], []
+    for item in items:
+        answer.append(reply_query(lm.tokenizer, item.prompt, item.answer_text, max_length))
+        cloze.append(reply_query(lm.tokenizer, item.question, item.answer_text, max_length))
+        letters.append(letter_query(lm.tokenizer, item.prompt, len(item.choices), max_length))
+    usable = [i for i in range(len(items)) if answer[i] and cloze[i] and letters[i]]
+    queries = [q for i in usable for q in (answer[i], cloze[i], letters[i])]
+    logprobs = next_token_logprobs(lm, queries, batch_tokens, desc)  # type: ignore[arg-type]
+    values = {m: np.full(len(items), np.nan) for m in METRICS}
+    for n, i in enumerate(usable):
+        a, c, letter = logprobs[3 * n : 3 * n + 3]
+        values["answer_nll"][i] = reply_nll(a)
+        values["cloze_nll"][i] = reply_nll(c)
+        for name, value in letter_metrics(letter[0], items[i].answer).items():
+            values[name][i] = value
+    return values
+
+
+def score_replies(
+    lm: LoadedModel, pairs: Sequence[tuple[str, str]], max_length: int, batch_tokens: int, desc: str = "held-out"
+) -> np.ndarray:
+    """Reply NLL of (prompt, reply) pairs, (pairs,); NaN for a pair longer than `max_length` tokens."""
+    queries = [reply_query(lm.tokenizer, p, r, max_length) for p, r in pairs]
+    usable = [i for i, q in enumerate(queries) if q is not None]
+    logprobs = next_token_logprobs(lm, [queries[i] for i in usable], batch_tokens, desc)  # type: ignore[misc]
+    values = np.full(len(pairs), np.nan)
+    for i, lp in zip(usable, logprobs, strict=True):
+        values[i] = reply_nll(lp)
+    return values
+
+
+# ---------------------------------------------------------------------------------------- statistics
+
+
+def bootstrap_se(values: np.ndarray, n: int, seed: int) -> float:
+    """Standard error of the mean of `values` (NaN ignored), by resampling items."""
+    x = values[~np.isnan(values)]
+    if len(x) < 2 or n == 0:
+        return float("nan")
+    means = x[np.random.default_rng(seed).integers(0, len(x), size=(n, len(x)))].mean(1)
+    return float(means.std(ddof=1))
+
+
+def spearman_brown(r: float) -> float:
+    """Reliability of the full-length measure from the correlation r of its two halves: 2r / (1 + r)."""
+    return 2 * r / (1 + r) if r > -1 else float("nan")
+
+
+def split_half_reliability(units: Sequence[np.ndarray], splits: int, seed: int) -> float:
+    """Spearman-Brown corrected correlation, across units (domains, or source x domain cells), between
+    the unit means of two random halves of each unit's items; r averaged over `splits` random splits.
+    It says how much of the spread of unit means is signal rather than item sampling noise.
+
+    `units[k]` holds unit k's per-item values (NaN ignored). NaN when fewer than 3 units have 2+ items.
+    """
+    values = [u[~np.isnan(u)] for u in units]
+    values = [v for v in values if len(v) >= 2]
+    if len(values) < 3:
+        return float("nan")
+    rng = np.random.default_rng(seed)
+    rs = []
+    for _ in range(splits):
+        halves = np.array([_half_means(v, rng) for v in values])  # (units, 2)
+        rs.append(pearson(halves[:, 0], halves[:, 1]))
+    r = float(np.nanmean(rs)) if not np.isnan(rs).all() else float("nan")
+    # Below zero the halves disagree: there is no reliability to correct, and 2r/(1+r) would blow up
+    # towards -inf as r -> -1, so a negative r is reported as it is.
+    return spearman_brown(r) if r >= 0 else r
+
+
+def _half_means(v: np.ndarray, rng: np.random.Generator) -> tuple[float, float]:
+    order = rng.permutation(len(v))
+    return float(v[order[: len(v) // 2]].mean()), float(v[order[len(v) // 2 :]].mean())
+
+
+def pearson(x: np.ndarray, y: np.ndarray) -> float:
+    """Pearson r over the pairs where both are finite; NaN with fewer than 3 pairs or a constant side."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    ok = np.isfinite(x) & np.isfinite(y)
+    if ok.sum() < 3:
+        return float("nan")
+    x, y = x[ok] - x[ok].mean(), y[ok] - y[ok].mean()
+    denom = math.sqrt(float((x * x).sum() * (y * y).sum()))
+    if denom < 1e-300:
+        return float("nan")
+    return float((x * y).sum() / denom)
+
+
+def ranks(x: np.ndarray) -> np.ndarray:
+    """Average ranks (ties share their mean rank); NaN stays NaN."""
+    from scipy.stats import rankdata
+
+    x = np.asarray(x, dtype=float)
+    out = np.full(x.shape, np.nan)
+    ok = np.isfinite(x)
+    out[ok] = rankdata(x[ok])
+    return out
+
+
+def spearman(x: np.ndarray, y: np.ndarray) -> float:
+    """Spearman rho: Pearson r of the ranks, over the pairs where both are finite."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    ok = np.isfinite(x) & np.isfinite(y)
+    return pearson(ranks(x[ok]), ranks(y[ok]))
+
+
+def partial_pearson(x: np.ndarray, y: np.ndarray, z: np.ndarray) -> float:
+    """r(x, y | z) = (r_xy - r_xz r_yz) / sqrt((1 - r_xz^2)(1 - r_yz^2)): what x says about y beyond z."""
+    ok = np.isfinite(x) & np.isfinite(y) & np.isfinite(z)
+    rxy, rxz, ryz = pearson(x[ok], y[ok]), pearson(x[ok], z[ok]), pearson(y[ok], z[ok])
+    denom = math.sqrt(max((1 - rxz**2) * (1 - ryz**2), 0.0))
+    return (rxy - rxz * ryz) / denom if denom > 1e-12 else float("nan")
+
+
+def bootstrap_interval(
+    stat: Callable[[np.ndarray], float], clusters: np.ndarray, n: int, seed: int, min_draws: int = 20
+) -> list[float]:
+    """95% percentile interval of `stat(rows)` when whole clusters are resampled with replacement.
+
+    `clusters[k]` is row k's cluster (a domain: its cells across sources move together, so resampling
+    cells one by one would understate the error). `stat` gets the resampled row indices.
+    """
+    labels = np.unique(clusters)
+    members = [np.flatnonzero(clusters == c) for c in labels]
+    rng = np.random.default_rng(seed)
+    draws = []
+    for _ in range(n):
+        picked = rng.integers(0, len(labels), size=len(labels))
+        value = stat(np.concatenate([members[c] for c in picked]))
+        if np.isfinite(value):
+            draws.append(value)
+    if len(draws) < min_draws:
+        return [float("nan"), float("nan")]
+    return [float(np.percentile(draws, 2.5)), float(np.percentile(draws, 97.5))]
