@@ -92,12 +92,15 @@ def test_batch_size_1_and_8__give_the_same_statistics(lm: LoadedModel, sae) -> N
     torch.testing.assert_close(one.latents.per_example, eight.latents.per_example, rtol=1e-4, atol=1e-4)
 
 
-def test_zero_demonstrations__give_exactly_zero_shift(lm: LoadedModel, sae) -> None:
-    examples = _examples(lm)
-    assert run_pass(lm, sae, LAYER, examples, [], 256, "t").shift is None
-    # An empty prefix is the same input: f(ICL) - f(zero-shot) is exactly zero, token by token.
-    prefix = encode_demonstrations(lm.tokenizer, [])
-    assert prefix == []
+def test_zero_demonstrations__give_exactly_zero_shift(workspace: Path, tmp_path: Path) -> None:
+    from mixopt.pipeline import score_recipe
+    from mixopt.recipe import load_recipe
+
+    recipe = tmp_path / "r.yaml"
+    text = workspace.read_text().replace("./", f"{workspace.parent}/").replace("data/", f"{workspace.parent}/data/")
+    recipe.write_text(text.replace('response: "{a}"', 'response: "{a}"\n  icl_demos: 0'))
+    scores, _ = score_recipe(load_recipe(recipe))
+    assert scores.shifted_latents and all(s["shift"] == 0.0 for s in scores.shifted_latents)
 
 
 def test_icl_shift__compares_the_querys_own_ids_position_by_position(lm: LoadedModel, sae) -> None:
