@@ -4,8 +4,9 @@ Each part (a domain or the target) gives its rendered rows (`prompt`/`response` 
 `mixopt.sources.render`) and a count. `select_examples` draws the count from a seeded permutation,
 repeating whole epochs when the count exceeds the source; `build_mixture` renders every part to one
 schema (`messages` when all parts are chat, else `text`), tags rows with `domain` and `source_index`,
-concatenates and shuffles. All row work runs in Arrow through datasets' own ops, never a Python loop
-over rows. Same parts + seed -> the same rows in the same order (`mixopt.sources.content_hash`).
+shuffles them together. The draws and the shuffle are numpy index arrays; one Arrow `take` then gathers
+every row's text straight into mixture order, never a Python loop over rows. Same parts + seed -> the same
+rows in the same order (`mixopt.sources.content_hash`).
 
 Example:
     >>> from datasets import Dataset
@@ -20,9 +21,11 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -32,12 +35,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from datasets.fingerprint import Hasher
 
 from mixopt.errors import MixoptError
 
 Schema = Literal["messages", "text"]
 FORMATS = ("arrow", "parquet")
 ROWS_PER_SHARD = 100_000  # parquet shard size: a few hundred MB of text, what hub uploads and loaders like
+_PIECE_BYTES = 1 << 30  # text per gathered Arrow array: a `string` array holds under 2 GiB
+_ARROW_BATCH_ROWS = 10_000  # rows per record batch in the save_to_disk folder
+_ROLES = pa.array(["user", "assistant"], type=pa.string())
 
 _TAGS = {"domain": datasets.Value("string"), "source_index": datasets.Value("int64")}
 FEATURES: dict[str, datasets.Features] = {
@@ -123,86 +130,164 @@ def common_schema(parts: Sequence[MixturePart]) -> Schema:
     return "messages" if kinds == {"messages"} else "text"
 
 
-def _column(batch: pa.Table, name: str) -> pa.Array:
-    return batch.column(name).combine_chunks()
+@dataclass
+class _Source:
+    """A part's string columns as Arrow chunks, and where its drawn rows sit in them."""
+
+    columns: dict[str, list[pa.Array]]  # column -> the chunks of the part's whole table (no copy)
+    draw: np.ndarray  # (count,) int64: the drawn rows of the part's dataset, whole epochs first (`source_index`)
+    rows: np.ndarray  # (count,) int64: the same rows as rows of `columns` (through the indices mapping, if any)
+    bound: int  # bytes of text the draw gathers, at most
 
 
-def _messages(batch: pa.Table) -> pa.Array:
-    """list<struct<role, content>>: [user: prompt, assistant: response] per row, built in Arrow."""
-    n = batch.num_rows
-    pairs = np.stack([np.arange(n), np.arange(n) + n], axis=1).ravel()  # (2n,): p0, r0, p1, r1, ...
-    contents = pa.concat_arrays([_column(batch, "prompt"), _column(batch, "response")]).take(pairs)
-    roles = pa.array(["user", "assistant"]).take(np.tile([0, 1], n))
-    turns = pa.StructArray.from_arrays([roles, contents], names=["role", "content"])
-    return pa.ListArray.from_arrays(pa.array(np.arange(0, 2 * n + 1, 2, dtype=np.int32)), turns)
+def _source(part: MixturePart, columns: list[str]) -> _Source:
+    """`part`'s drawn rows as rows of its Arrow table: no row moves yet.
 
-
-def _text(batch: pa.Table) -> pa.Array:
-    if "text" in batch.column_names:
-        return _column(batch, "text")
-    return pc.binary_join_element_wise(_column(batch, "prompt"), _column(batch, "response"), "\n")
-
-
-def _render_group(parts: Sequence[MixturePart], schema: Schema) -> datasets.Dataset:
-    """The selected rows of parts with the same columns, in `schema`, tagged with `domain` and `source_index`.
-
-    One select and one map over all the parts together: per-part maps cost ~25 ms each in fixed overhead,
-    minutes for thousands of domains.
+    A dataset that was `select`ed or shuffled keeps its rows in place behind an indices mapping; the draw goes
+    through it, so a few rows drawn from a big (memory-mapped) source never load the rest.
     """
-    columns = ["prompt", "response"] if _kind(parts[0]) == "messages" else ["text"]
-    draws = [epoch_indices(len(p.rows), p.count, p.seed) for p in parts]  # per part: (count,) source rows
-    offsets = np.cumsum([0, *(len(p.rows) for p in parts[:-1])])  # where each source starts in `rows`
-    # select_columns deep-copies the dataset info (~1 ms): only where a part has other columns too
-    same = [p.rows if p.rows.column_names == columns else p.rows.select_columns(columns) for p in parts]
-    rows = datasets.concatenate_datasets(same)
-    picked = rows.select(np.concatenate([o + d for o, d in zip(offsets, draws, strict=True)]), keep_in_memory=True)
-    source = np.concatenate(draws)  # (rows,) index in the row's own source
-    owner = np.repeat(np.arange(len(parts)), [len(d) for d in draws])  # (rows,) which part
-    names = pa.array([p.name for p in parts], type=pa.string())
+    draw = epoch_indices(len(part.rows), part.count, part.seed)
+    table = part.rows.data.table
+    chunks = {name: table.column(name).chunks for name in columns}
+    size = sum(c.nbytes for name in columns for c in chunks[name])
+    mapping = part.rows._indices  # datasets has no public accessor for it; None without a mapping
+    if mapping is None:
+        return _Source(chunks, draw, draw, size * math.ceil(part.count / len(part.rows)))
+    rows = mapping.column(0).to_numpy()[draw].astype(np.int64)
+    return _Source(chunks, draw, rows, size * part.count)  # a mapping may repeat rows: any row, every time
 
-    def convert(batch: pa.Table, positions: list[int]) -> pa.Table:
-        at = np.asarray(positions)
-        body = _messages(batch) if schema == "messages" else _text(batch)
-        return pa.table({schema: body, "domain": names.take(owner[at]), "source_index": pa.array(source[at])})
 
-    return picked.with_format("arrow").map(
-        convert,
-        batched=True,
-        with_indices=True,
-        remove_columns=columns,
-        features=FEATURES[schema],
-        keep_in_memory=True,  # never write cache files next to a user's source data
-    )
+def _strings(chunks: list[pa.Array]) -> list[pa.Array]:
+    """`chunks` as one Arrow string type: `string`, or `large_string` where any chunk is one."""
+    if all(pa.types.is_string(c.type) for c in chunks):
+        return chunks
+    wide = any(pa.types.is_large_string(c.type) for c in chunks)
+    return [c.cast(pa.large_string() if wide else pa.string()) for c in chunks]
+
+
+def _lengths(chunks: list[pa.Array]) -> np.ndarray:
+    """int64 bytes of text in each row of the concatenated `chunks` (a null counts 0)."""
+    lengths = [pc.fill_null(pc.binary_length(c), 0).to_numpy(zero_copy_only=False) for c in chunks]
+    return np.concatenate([np.zeros(0, np.int64), *lengths]).astype(np.int64)
+
+
+def _bounds(sizes: np.ndarray | None, n: int) -> np.ndarray:
+    """Row bounds of consecutive pieces of `n` rows holding about _PIECE_BYTES of text at most (sizes: per row).
+
+    An Arrow `string` array holds under 2 GiB of text; a mixture of long documents holds more.
+    """
+    if sizes is None or not n:
+        return np.array([0, n])
+    ends = np.cumsum(sizes)
+    cuts = np.searchsorted(ends, np.arange(_PIECE_BYTES, ends[-1], _PIECE_BYTES), side="right")
+    return np.unique(np.concatenate([[0], cuts, [n]]))
+
+
+def _gather(chunks: list[pa.Array], rows: np.ndarray, bounds: np.ndarray) -> list[pa.Array]:
+    """`rows` of the concatenated `chunks`, one Arrow take per piece, as `string` arrays."""
+    values = pa.chunked_array(chunks)
+    return [values.take(rows[a:b]).combine_chunks().cast(pa.string()) for a, b in itertools.pairwise(bounds)]
+
+
+def _messages(sources: Sequence[_Source], order: np.ndarray, big: bool) -> list[pa.Array]:
+    """list<struct<role, content>> pieces: [user: prompt, assistant: response] per mixture row, in `order`.
+
+    One take over every part's prompts then responses, with the indices interleaved (p0, r0, p1, r1, ...),
+    gathers the turns' contents already in place.
+    """
+    prompts = [c for s in sources for c in s.columns["prompt"]]
+    values = _strings(prompts + [c for s in sources for c in s.columns["response"]])
+    offsets = np.cumsum([0, *(sum(len(c) for c in s.columns["prompt"]) for s in sources)])
+    rows = np.concatenate([o + s.rows for o, s in zip(offsets[:-1], sources, strict=True)])[order]
+    turns = np.stack([rows, rows + offsets[-1]], axis=1).ravel()  # (2 * rows,): into prompts + responses
+    if big:
+        lengths = _lengths(values)
+        sizes = lengths[rows] + lengths[rows + offsets[-1]]
+    pieces = []
+    for a, b in itertools.pairwise(_bounds(sizes if big else None, len(rows))):
+        (contents,) = _gather(values, turns[2 * a : 2 * b], np.array([0, 2 * (b - a)]))
+        structs = pa.StructArray.from_arrays([_ROLES.take(np.tile([0, 1], b - a)), contents], ["role", "content"])
+        pieces.append(pa.ListArray.from_arrays(pa.array(np.arange(0, 2 * (b - a) + 1, 2, dtype=np.int32)), structs))
+    return pieces
+
+
+def _joined(source: _Source, big: bool) -> list[pa.Array]:
+    """A chat part's drawn rows (in draw order) as `prompt` + newline + `response` text pieces."""
+    prompts = source.columns["prompt"]
+    values = _strings(prompts + source.columns["response"])
+    rows = source.rows
+    total = sum(len(c) for c in prompts)
+    if big:
+        lengths = _lengths(values)
+        bounds = _bounds(lengths[rows] + lengths[rows + total] + 1, len(rows))
+    else:
+        bounds = _bounds(None, len(rows))
+    pairs = zip(_gather(values, rows, bounds), _gather(values, rows + total, bounds), strict=True)
+    return [pc.binary_join_element_wise(p, r, "\n") for p, r in pairs]
+
+
+def _text(sources: Sequence[_Source], parts: Sequence[MixturePart], order: np.ndarray, big: bool) -> list[pa.Array]:
+    """`text` pieces in `order`: a text part's own text, a chat part's prompt + newline + response.
+
+    A chat part's drawn rows are joined first, then every mixture row is gathered in one take.
+    """
+    chunks: list[pa.Array] = []
+    rows = []
+    start = 0  # rows in `chunks` so far
+    for source, part in zip(sources, parts, strict=True):
+        if _kind(part) == "text":
+            own, at = source.columns["text"], source.rows
+        else:
+            own = _joined(source, big)
+            at = np.arange(len(source.rows), dtype=np.int64)  # joined in draw order
+        rows.append(start + at)
+        chunks += own
+        start += sum(len(c) for c in own)
+    values = _strings(chunks)
+    picked = np.concatenate(rows)[order]
+    return _gather(values, picked, _bounds(_lengths(values)[picked] if big else None, len(picked)))
 
 
 def build_mixture(parts: Sequence[MixturePart], seed: int) -> datasets.Dataset:
-    """All parts' selected rows in one schema, shuffled with `seed`, indices flattened (contiguous on disk).
+    """All parts' selected rows in one schema, shuffled with `seed`, stored in mixture order (no indices mapping).
 
     Columns: `messages` (user/assistant turns) or `text`, then `domain` (part name) and `source_index`
     (int64 row in the part's source). Deterministic: same parts and seed give the same rows in the same order.
+
+    Every column is built in Arrow over the whole mixture at once: the draws and the shuffle are index arrays,
+    composed in numpy, then one `take` gathers the text of every row straight into mixture order.
     """
     if not parts:
         raise MixoptError("a mixture needs at least one part (the target or a domain)")
     if dupes := sorted(name for name, n in Counter(p.name for p in parts).items() if n > 1):
         raise MixoptError(f"mixture part names must be unique; repeated: {', '.join(dupes)}")
     schema = common_schema(parts)
+    features = FEATURES[schema]
     drawn = [part for part in parts if part.count > 0]
     if not drawn:
-        return datasets.Dataset.from_dict({name: [] for name in FEATURES[schema]}, features=FEATURES[schema])
+        return datasets.Dataset.from_dict({name: [] for name in features}, features=features)
     kinds = list(dict.fromkeys(_kind(part) for part in drawn))  # chat and/or text parts, in first-seen order
-    rendered = [_render_group([p for p in drawn if _kind(p) == kind], schema) for kind in kinds]
-    shuffled = datasets.concatenate_datasets(rendered).shuffle(seed=seed, keep_in_memory=True)
-    return _contiguous(shuffled)
-
-
-def _contiguous(ds: datasets.Dataset) -> datasets.Dataset:
-    """`ds` with its indices mapping applied: rows stored in order, as `flatten_indices` does.
-
-    An identity map in Arrow format: `flatten_indices` round-trips every row through Python objects
-    (34 s for 240k chat rows here, against 1.6 s).
-    """
-    flat = ds.with_format("arrow").map(lambda batch: batch, batched=True, keep_in_memory=True)
-    return flat.with_format(None)
+    drawn = [part for kind in kinds for part in drawn if _kind(part) == kind]  # each kind's parts together
+    columns = {"messages": ["prompt", "response"], "text": ["text"]}
+    sources = [_source(part, columns[_kind(part)]) for part in drawn]
+    counts = [part.count for part in drawn]
+    order = np.random.default_rng(seed).permutation(sum(counts))  # the shuffle, as Dataset.shuffle(seed) draws it
+    big = sum(source.bound for source in sources) >= _PIECE_BYTES  # else one piece: no need to count bytes
+    body = _messages(sources, order, big) if schema == "messages" else _text(sources, drawn, order, big)
+    owner = np.repeat(np.arange(len(drawn)), counts)[order]
+    table = pa.Table.from_arrays(
+        [
+            pa.chunked_array(body, type=features.arrow_schema.field(schema).type),
+            pa.array([p.name for p in drawn], type=pa.string()).take(owner),
+            pa.array(np.concatenate([source.draw for source in sources])[order]),
+        ],
+        schema=features.arrow_schema,
+    )
+    # datasets would hash the whole table for a fingerprint; the parts' own fingerprints and the draw say the same
+    fingerprint = Hasher.hash(
+        ["mixopt.mixture", schema, seed, [(p.name, p.count, p.seed, p.rows._fingerprint) for p in drawn]]
+    )
+    return datasets.Dataset(table, info=datasets.DatasetInfo(features=features), fingerprint=fingerprint)
 
 
 # ---------------------------------------------------------------------------------------------- output
@@ -241,6 +326,22 @@ def _write_parquet(ds: datasets.Dataset, out: Path) -> dict[str, str]:
     return written
 
 
+@contextlib.contextmanager
+def _record_batches(rows: int) -> Iterator[None]:
+    """Meanwhile `save_to_disk` writes record batches of up to `rows` rows (datasets' default: 1,000).
+
+    Its writer casts and checks each batch (~1 ms): 80% of the time to write short rows in 1,000-row batches.
+    It still cuts batches of big rows to ~100 MB, and `load_from_disk` reads any batch size. The setting is
+    process-wide: no other thread should write datasets meanwhile.
+    """
+    default = datasets.config.DEFAULT_MAX_BATCH_SIZE
+    datasets.config.DEFAULT_MAX_BATCH_SIZE = max(rows, default)
+    try:
+        yield
+    finally:
+        datasets.config.DEFAULT_MAX_BATCH_SIZE = default
+
+
 def write_mixture(ds: datasets.Dataset, out: Path, formats: Sequence[str]) -> dict[str, str]:
     """Write the mixture under `out`; returns what was written -> its path relative to `out`.
 
@@ -258,7 +359,8 @@ def write_mixture(ds: datasets.Dataset, out: Path, formats: Sequence[str]) -> di
     out.mkdir(parents=True, exist_ok=True)
     written: dict[str, str] = {}
     if "arrow" in formats:
-        ds.save_to_disk(str(out / "mixture"))
+        with _record_batches(_ARROW_BATCH_ROWS):
+            ds.save_to_disk(str(out / "mixture"))
         written["arrow"] = "mixture"
     if "parquet" in formats:
         written.update(_write_parquet(ds, out))

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import datasets
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -133,6 +134,55 @@ def test_build_mixture__parts_with_no_rows_are_left_out() -> None:
     assert Counter(mix["domain"]) == {"target": 5}
 
 
+def test_build_mixture__rows_of_a_selected_shuffled_or_on_disk_source_are_the_rows_at_source_index(
+    tmp_path: Path,
+) -> None:
+    datasets.concatenate_datasets([chat("law", 30), chat("law", 30)]).save_to_disk(str(tmp_path), max_shard_size=500)
+    on_disk = datasets.load_from_disk(str(tmp_path))  # several Arrow chunks, memory-mapped
+    sources = {
+        "picked": chat("picked", 20).shuffle(seed=1).select([3, 3, 7, 0, 19]),  # an indices mapping
+        "disk": on_disk,
+        "shuffled": on_disk.shuffle(seed=2),
+    }
+    parts = [
+        MixturePart("picked", sources["picked"], 12, seed=0),
+        MixturePart("disk", on_disk, 70, seed=1),
+        MixturePart("shuffled", sources["shuffled"], 33, seed=2),
+    ]
+    mix = build_mixture(parts, seed=3)
+    assert Counter(mix["domain"]) == {"picked": 12, "disk": 70, "shuffled": 33}
+    for row in mix:
+        source = sources[row["domain"]][row["source_index"]]
+        assert [m["content"] for m in row["messages"]] == [source["prompt"], source["response"]]
+
+
+def test_build_mixture__large_string_and_null_text_become_plain_string_columns() -> None:
+    wide = datasets.Dataset(pa.table({"text": pa.array(["w0", None, "w2"], type=pa.large_string())}))
+    parts = [MixturePart("wide", wide, 5, 0), MixturePart("target", chat("target", 4), 4, 1)]
+    mix = build_mixture(parts, seed=0)
+    assert mix.features["text"] == datasets.Value("string")
+    for row in mix:
+        i = row["source_index"]
+        expected = wide[i]["text"] if row["domain"] == "wide" else f"target question {i}\ntarget answer {i}"
+        assert row["text"] == expected
+
+
+@pytest.mark.parametrize("schema", ["messages", "text"])
+def test_build_mixture__gathering_in_small_pieces_gives_the_same_rows(
+    schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def parts() -> list[MixturePart]:
+        extra = [MixturePart("wiki", plain("wiki", 9), 14, 7)] if schema == "text" else []
+        return [*chat_parts({"target": 25, "law": 40}, sizes={"law": 6}), *extra]
+
+    whole = build_mixture(parts(), seed=5)
+    monkeypatch.setattr("mixopt.mixture._PIECE_BYTES", 64)  # long documents: under 2 GiB of text per Arrow array
+    pieces = build_mixture(parts(), seed=5)
+    assert pieces.data.table.column(schema).num_chunks > 1
+    assert whole.data.table.column(schema).num_chunks == 1
+    assert content_hash(pieces) == content_hash(whole) and pieces.features == whole.features
+
+
 def test_common_schema__a_part_without_text_or_chat_columns_names_its_columns() -> None:
     bad = MixturePart("law", datasets.Dataset.from_dict({"question": ["q"]}), 1, 0)
     with pytest.raises(MixoptError, match="part 'law' has columns question"):
@@ -145,11 +195,14 @@ def test_common_schema__a_part_without_text_or_chat_columns_names_its_columns() 
 def test_write_mixture__round_trips_through_load_from_disk_and_writes_per_domain_parquet(tmp_path: Path) -> None:
     counts = {"target": 30, "law": 9, "math": 14}
     mix = build_mixture(chat_parts(counts), seed=4)
+    batch_rows = datasets.config.DEFAULT_MAX_BATCH_SIZE
     written = write_mixture(mix, tmp_path, ["arrow", "parquet"])
 
     loaded = datasets.load_from_disk(str(tmp_path / written["arrow"]))
     assert len(loaded) == len(mix) and loaded.column_names == mix.column_names
     assert loaded.to_dict() == mix.to_dict()  # same rows, same order
+    assert loaded.features == mix.features and content_hash(loaded) == content_hash(mix)
+    assert batch_rows == datasets.config.DEFAULT_MAX_BATCH_SIZE  # bigger record batches for this write only
 
     assert written["parquet:00000"] == "parquet/mixture-00000-of-00001.parquet"
     assert pq.read_table(tmp_path / written["parquet:00000"]).num_rows == len(mix)
