@@ -210,11 +210,51 @@ def output_dir(recipe: Any) -> Path:
 
 
 @cli.command()
-def schema() -> None:
-    """Print the recipe JSON Schema (for editors: `# yaml-language-server: $schema=recipe.schema.json`)."""
-    from mixopt.recipe import Recipe
+@click.argument("recipe", type=click.Path(path_type=Path))
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Run folder (default: the recipe's output.dir, else runs/<recipe name>); a stopped run resumes in it.",
+)
+@click.option(
+    "--compare-mixtures",
+    is_flag=True,
+    help="Also fine-tune at the same budget on target + uniform replay and on target + mixopt's allocation.",
+)
+@user_errors
+def validate(recipe: Path, out: Path | None, compare_mixtures: bool) -> None:
+    """Fine-tune for real on each source of RECIPE and check which scores forecast the per-domain change.
 
-    click.echo(json.dumps(Recipe.model_json_schema(by_alias=True), indent=2))
+    Splits each evaluation domain by content hash into a scoring part and held-out items, measures the
+    held-out items before and after each fine-tune, scores every (source, domain) with STS and the
+    baselines (raw, similarity, random latents) and correlates scores with the changes. Writes
+    OUT/validation.json and OUT/plots, prints the tables. Slow (the recipe's schedule says how slow);
+    a stopped run resumes from OUT.
+
+    \b
+    e.g. mixopt validate recipes/validate-mmlu.yaml
+         mixopt validate recipes/validate-mmlu.yaml --out runs/v --compare-mixtures
+    """
+    from mixopt.recipe import load_validate_recipe
+    from mixopt.validate import run_validation
+
+    spec = load_validate_recipe(recipe)
+    result = run_validation(spec, out or output_dir(spec), compare=compare_mixtures)
+    click.echo(result.table())
+    click.echo(f"\nreport: {result.out / 'validation.json'}")
+    click.echo(f"plots: {result.out / 'plots'}")
+
+
+@cli.command()
+def schema() -> None:
+    """Print the JSON Schema of recipes, all kinds (for editors: `# yaml-language-server: $schema=...`).
+
+    \b
+    e.g. mixopt schema > recipe.schema.json
+    """
+    from mixopt.recipe import recipe_json_schema
+
+    click.echo(json.dumps(recipe_json_schema(), indent=2))
 
 
 @cli.group()

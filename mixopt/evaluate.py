@@ -19,7 +19,6 @@ Example:
 from __future__ import annotations
 
 import hashlib
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -39,7 +38,7 @@ REPLY_START = "Answer:"  # the letter is read at the token after this, e.g. "Ans
 
 
 def content_key(text: str, seed: int = 0) -> str:
-    """sha256 of `seed` and the text: the same on every process and machine (Python's hash() is salted)."""
+    """sha256 of `seed` and the text: equal on every process and machine (the built-in hash is salted)."""
     return hashlib.sha256(f"{seed}\x00{text}".encode()).hexdigest()
 
 
@@ -247,62 +246,85 @@ def _half_means(v: np.ndarray, rng: np.random.Generator) -> tuple[float, float]:
     return float(v[order[: len(v) // 2]].mean()), float(v[order[len(v) // 2 :]].mean())
 
 
-def pearson(x: np.ndarray, y: np.ndarray) -> float:
-    """Pearson r over the pairs where both are finite; NaN with fewer than 3 pairs or a constant side."""
-    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+def pearson_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Pearson r of each row pair of (draws, n) arrays, over the columns where both are finite (NaN marks a
+    missing value); NaN for a row with fewer than 3 pairs or a constant side. Vectorised for the bootstrap."""
     ok = np.isfinite(x) & np.isfinite(y)
-    if ok.sum() < 3:
-        return float("nan")
-    x, y = x[ok] - x[ok].mean(), y[ok] - y[ok].mean()
-    denom = math.sqrt(float((x * x).sum() * (y * y).sum()))
-    if denom < 1e-300:
-        return float("nan")
-    return float((x * y).sum() / denom)
+    w = ok.astype(float)
+    x, y = np.where(ok, x, 0.0), np.where(ok, y, 0.0)
+    n = w.sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        xc = (x - ((w * x).sum(1) / n)[:, None]) * w
+        yc = (y - ((w * y).sum(1) / n)[:, None]) * w
+        denom = np.sqrt((xc * xc).sum(1) * (yc * yc).sum(1))
+        r = (xc * yc).sum(1) / denom
+    r[(n < 3) | ~(denom > 1e-300)] = np.nan
+    return np.clip(r, -1.0, 1.0)
 
 
-def ranks(x: np.ndarray) -> np.ndarray:
-    """Average ranks (ties share their mean rank); NaN stays NaN."""
+def spearman_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Spearman rho of each row pair: Pearson r of the average ranks, over the jointly finite columns."""
     from scipy.stats import rankdata
 
-    x = np.asarray(x, dtype=float)
-    out = np.full(x.shape, np.nan)
-    ok = np.isfinite(x)
-    out[ok] = rankdata(x[ok])
-    return out
+    ok = np.isfinite(x) & np.isfinite(y)
+    rx = rankdata(np.where(ok, x, np.nan), axis=1, nan_policy="omit")
+    ry = rankdata(np.where(ok, y, np.nan), axis=1, nan_policy="omit")
+    return pearson_rows(rx, ry)
+
+
+def partial_rows(x: np.ndarray, y: np.ndarray, z: np.ndarray) -> np.ndarray:
+    """r(x, y | z) = (r_xy - r_xz r_yz) / sqrt((1 - r_xz^2)(1 - r_yz^2)), per row: what x says about y
+    beyond what z already says, over the columns where all three are finite."""
+    ok = np.isfinite(x) & np.isfinite(y) & np.isfinite(z)
+    x, y, z = (np.where(ok, a, np.nan) for a in (x, y, z))
+    rxy, rxz, ryz = pearson_rows(x, y), pearson_rows(x, z), pearson_rows(y, z)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        denom = np.sqrt(np.maximum((1 - rxz**2) * (1 - ryz**2), 0.0))
+        r = (rxy - rxz * ryz) / denom
+    r[~(denom > 1e-12)] = np.nan
+    return np.clip(r, -1.0, 1.0)
+
+
+def _row(fn: Callable[..., np.ndarray], *arrays: np.ndarray) -> float:
+    return float(fn(*(np.asarray(a, dtype=float)[None, :] for a in arrays))[0])
+
+
+def pearson(x: np.ndarray, y: np.ndarray) -> float:
+    """Pearson r over the pairs where both are finite; NaN with fewer than 3 pairs or a constant side."""
+    return _row(pearson_rows, x, y)
 
 
 def spearman(x: np.ndarray, y: np.ndarray) -> float:
-    """Spearman rho: Pearson r of the ranks, over the pairs where both are finite."""
-    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
-    ok = np.isfinite(x) & np.isfinite(y)
-    return pearson(ranks(x[ok]), ranks(y[ok]))
+    """Spearman rho: Pearson r of the average ranks, over the pairs where both are finite."""
+    return _row(spearman_rows, x, y)
 
 
 def partial_pearson(x: np.ndarray, y: np.ndarray, z: np.ndarray) -> float:
-    """r(x, y | z) = (r_xy - r_xz r_yz) / sqrt((1 - r_xz^2)(1 - r_yz^2)): what x says about y beyond z."""
-    ok = np.isfinite(x) & np.isfinite(y) & np.isfinite(z)
-    rxy, rxz, ryz = pearson(x[ok], y[ok]), pearson(x[ok], z[ok]), pearson(y[ok], z[ok])
-    denom = math.sqrt(max((1 - rxz**2) * (1 - ryz**2), 0.0))
-    return (rxy - rxz * ryz) / denom if denom > 1e-12 else float("nan")
+    """Partial correlation r(x, y | z); see `partial_rows`."""
+    return _row(partial_rows, x, y, z)
 
 
-def bootstrap_interval(
-    stat: Callable[[np.ndarray], float], clusters: np.ndarray, n: int, seed: int, min_draws: int = 20
-) -> list[float]:
-    """95% percentile interval of `stat(rows)` when whole clusters are resampled with replacement.
+def bootstrap_indices(clusters: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """(n, rows) indices of `n` resamples that draw whole clusters with replacement; -1 pads short draws.
 
     `clusters[k]` is row k's cluster (a domain: its cells across sources move together, so resampling
-    cells one by one would understate the error). `stat` gets the resampled row indices.
+    cells one by one would understate the error). Index with `np.append(values, np.nan)[indices]`, so the
+    padding reads as missing.
     """
     labels = np.unique(clusters)
     members = [np.flatnonzero(clusters == c) for c in labels]
     rng = np.random.default_rng(seed)
-    draws = []
-    for _ in range(n):
-        picked = rng.integers(0, len(labels), size=len(labels))
-        value = stat(np.concatenate([members[c] for c in picked]))
-        if np.isfinite(value):
-            draws.append(value)
-    if len(draws) < min_draws:
+    draws = [np.concatenate([members[c] for c in rng.integers(0, len(labels), size=len(labels))]) for _ in range(n)]
+    width = max((len(d) for d in draws), default=0)
+    out = np.full((n, width), -1, dtype=np.int64)
+    for i, d in enumerate(draws):
+        out[i, : len(d)] = d
+    return out
+
+
+def percentile_interval(draws: np.ndarray, min_draws: int = 20) -> list[float]:
+    """95% percentile interval of the finite draws; NaN when fewer than `min_draws` are finite."""
+    finite = draws[np.isfinite(draws)]
+    if len(finite) < min_draws:
         return [float("nan"), float("nan")]
-    return [float(np.percentile(draws, 2.5)), float(np.percentile(draws, 97.5))]
+    return [float(np.percentile(finite, 2.5)), float(np.percentile(finite, 97.5))]

@@ -635,3 +635,10 @@ def load_any_recipe(path: str | os.PathLike[str]) -> Recipe | SAETrainRecipe | V
     except RecipeError as err:
         raise RecipeError(err.detail, file=str(file), field=err.field) from None
     return _validated(data, file, file.resolve().parent, root)
+
+
+def recipe_json_schema() -> dict[str, Any]:
+    """JSON Schema of every recipe kind (plan, sae-train, validate), for editors (`mixopt schema`)."""
+    from pydantic import TypeAdapter
+
+    return TypeAdapter(Recipe | SAETrainRecipe | ValidateRecipe).json_schema(by_alias=True)

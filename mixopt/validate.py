@@ -225,7 +225,7 @@ def score_sources(recipe: ValidateRecipe, out: Path, domains: Sequence[str]) -> 
 
     scores = {}
     for source in recipe.sources:
-        tqdm.write(f"scores: {source.name} as the target, {len(domains)} domains")
+        _note(f"scores: {source.name} as the target, {len(domains)} domains")
         scores[source.name], _ = score_recipe(plan_recipe_for(recipe, source, out, domains))
         (out / "scores").mkdir(exist_ok=True)
         scores[source.name].save(out / "scores" / f"{source.name}.json")
@@ -419,38 +419,33 @@ def reliabilities(
     return out
 
 
-def correlation(x: np.ndarray, y: np.ndarray, clusters: np.ndarray, n_boot: int, seed: int) -> dict[str, Any]:
-    """Pearson and Spearman of x with y, each with a 95% interval from resampling whole clusters."""
+def _resampled(a: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    return np.append(a, np.nan)[idx]  # index -1 (padding) reads the appended NaN: missing
+
+
+def correlation(x: np.ndarray, y: np.ndarray, idx: np.ndarray) -> dict[str, Any]:
+    """Pearson and Spearman of x with y, each with a 95% interval over the resamples `idx` (whole domains)."""
     out: dict[str, Any] = {"n": int((np.isfinite(x) & np.isfinite(y)).sum())}
-    for name, fn in (("pearson", ev.pearson), ("spearman", ev.spearman)):
-        out[name] = {
-            "r": fn(x, y),
-            "ci": ev.bootstrap_interval(lambda idx, f=fn: f(x[idx], y[idx]), clusters, n_boot, seed),
-        }
+    bx, by = _resampled(x, idx), _resampled(y, idx)
+    for name, fn in (("pearson", ev.pearson_rows), ("spearman", ev.spearman_rows)):
+        out[name] = {"r": ev._row(fn, x, y), "ci": ev.percentile_interval(fn(bx, by))}
     return out
 
 
-def partial(
-    x: np.ndarray, y: np.ndarray, z: np.ndarray, clusters: np.ndarray, n_boot: int, seed: int
-) -> dict[str, Any]:
-    """Partial Pearson r(x, y | z) with its cluster-bootstrap 95% interval."""
-    stat = lambda idx: ev.partial_pearson(x[idx], y[idx], z[idx])  # noqa: E731
-    return {"r": ev.partial_pearson(x, y, z), "ci": ev.bootstrap_interval(stat, clusters, n_boot, seed)}
+def partial(x: np.ndarray, y: np.ndarray, z: np.ndarray, idx: np.ndarray) -> dict[str, Any]:
+    """Partial Pearson r(x, y | z) with its 95% interval over the resamples `idx`."""
+    draws = ev.partial_rows(_resampled(x, idx), _resampled(y, idx), _resampled(z, idx))
+    return {"r": ev.partial_pearson(x, y, z), "ci": ev.percentile_interval(draws)}
 
 
-def view(
-    scores: dict[str, np.ndarray], targets: dict[str, np.ndarray], clusters: np.ndarray, n_boot: int, seed: int
-) -> dict[str, Any]:
+def view(scores: dict[str, np.ndarray], targets: dict[str, np.ndarray], idx: np.ndarray) -> dict[str, Any]:
     """Every scorer against each target (|change|, change), and each STS variant's partial r given similarity."""
     out: dict[str, Any] = {
-        "scores": {
-            name: {t: correlation(x, y, clusters, n_boot, seed) for t, y in targets.items()}
-            for name, x in scores.items()
-        }
+        "scores": {name: {t: correlation(x, y, idx) for t, y in targets.items()} for name, x in scores.items()}
     }
     if "similarity" in scores:
         out["partial_given_similarity"] = {
-            v: {t: partial(scores[v], y, scores["similarity"], clusters, n_boot, seed) for t, y in targets.items()}
+            v: {t: partial(scores[v], y, scores["similarity"], idx) for t, y in targets.items()}
             for v in STS_VARIANTS
             if v in scores
         }
@@ -468,25 +463,22 @@ def correlations(cells: Cells, matrix: dict[str, np.ndarray], n_boot: int, seed:
     standardises scores and changes per source first (sources' score scales differ); intervals resample
     whole domains."""
     n_src, n_dom = len(cells.sources), len(cells.domains)
-    clusters = np.tile(np.arange(n_dom), n_src)  # cell (i, j) flattened row-major -> domain j
+    # cell (i, j) flattened row-major belongs to domain j: a resample draws whole domains, all sources' cells
+    pooled_idx = ev.bootstrap_indices(np.tile(np.arange(n_dom), n_src), n_boot, seed)
+    source_idx = ev.bootstrap_indices(np.arange(n_dom), n_boot, seed)
     out = {}
-    for m in tqdm(ev.METRICS, desc="correlations", leave=False):
+    for m in ev.METRICS:
         delta = cells.delta[m]  # (sources, domains)
         pooled = {"abs": np.abs(delta).ravel(), "signed": delta.ravel()}
         within = {"abs": _zscored(np.abs(delta)).ravel(), "signed": _zscored(delta).ravel()}
+        by_source = {
+            s: view({k: v[i] for k, v in matrix.items()}, {"abs": np.abs(delta[i]), "signed": delta[i]}, source_idx)
+            for i, s in enumerate(cells.sources)
+        }
         out[m] = {
-            "pooled": view({k: v.ravel() for k, v in matrix.items()}, pooled, clusters, n_boot, seed),
-            "within": view({k: _zscored(v).ravel() for k, v in matrix.items()}, within, clusters, n_boot, seed),
-            "by_source": {
-                s: view(
-                    {k: v[i] for k, v in matrix.items()},
-                    {"abs": np.abs(delta[i]), "signed": delta[i]},
-                    np.arange(n_dom),
-                    n_boot,
-                    seed,
-                )
-                for i, s in enumerate(cells.sources)
-            },
+            "pooled": view({k: v.ravel() for k, v in matrix.items()}, pooled, pooled_idx),
+            "within": view({k: _zscored(v).ravel() for k, v in matrix.items()}, within, pooled_idx),
+            "by_source": by_source,
         }
     return out
 
@@ -590,12 +582,12 @@ def report_table(report: dict[str, Any]) -> str:
         f"{report['split']['eval_items']} evaluation items per domain, "
         f"{report['budget']} examples per fine-tune",
         "",
-        f"{'source':<22} {'steps':>6} {'first loss':>10} {'last loss':>10} {'own NLL before':>15} {'after':>8}",
+        f"{'source':<22} {'steps':>6} {'first loss':>10} {'last 10 loss':>12} {'own NLL before':>15} {'after':>8}",
     ]
     for name, s in report["sources"].items():
         losses = s["finetune"]["losses"]
         lines.append(
-            f"{name:<22} {s['finetune']['steps']:>6} {losses[0]:>10.3f} {np.mean(losses[-10:]):>10.3f} "
+            f"{name:<22} {s['finetune']['steps']:>6} {losses[0]:>10.3f} {np.mean(losses[-10:]):>12.3f} "
             f"{s['own_nll']['before']:>15.3f} {s['own_nll']['after']:>8.3f}"
         )
     threshold = report["min_reliability"]
@@ -647,7 +639,28 @@ def _metric_table(report: dict[str, Any], metric: str) -> list[str]:
             for s, info in by_source.items()
         )
     )
-    return lines
+    return [*lines, verdict(report, metric)]
+
+
+def verdict(report: dict[str, Any], metric: str) -> str:
+    """One line: which score forecasts |change| best here, and whether STS adds anything beyond similarity."""
+    pooled = report["correlations"][metric]["pooled"]
+    r = {k: v["abs"]["pearson"]["r"] for k, v in pooled["scores"].items()}
+    finite = {k: v for k, v in r.items() if v is not None and np.isfinite(v)}
+    if not finite:
+        return "verdict: no score correlates (too few cells)"
+    best = max(finite, key=lambda k: finite[k])
+    line = f"verdict: best forecaster of |change| is {best} (Pearson {_r(finite[best])})"
+    sts_name = report["sts_score"]
+    partial = pooled.get("partial_given_similarity", {}).get(sts_name)
+    if partial is not None:
+        lo, hi = partial["abs"]["ci"]
+        if lo is not None and hi is not None and np.isfinite(lo) and np.isfinite(hi):
+            adds = (
+                "adds signal beyond" if lo > 0 else "points the wrong way beyond" if hi < 0 else "adds nothing beyond"
+            )
+            line += f"; STS {sts_name} {adds} similarity (partial r {_rci(partial['abs'])})"
+    return line
 
 
 def compare_table(summary: dict[str, Any]) -> str:
@@ -910,6 +923,7 @@ def assemble(
         "sae": first.sae,
         "layer": first.layer,
         "top_k": first.top_k,
+        "sts_score": recipe.sts.score,
         "budget": recipe.schedule.budget,
         "min_reliability": e.min_reliability,
         "domains": [d.name for d in domains],

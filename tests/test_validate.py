@@ -1,0 +1,354 @@
+"""`mixopt validate` on a tiny real model: the split, the metrics, the fine-tune loop, the report."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from mixopt import evaluate as ev
+from mixopt.cli import cli
+from mixopt.encoding import encode_chat
+from mixopt.evaluate import MCQItem
+from mixopt.recipe import ScheduleSpec, load_recipe, load_validate_recipe
+from tests.tiny import tiny_llama, tiny_sae, tiny_tokenizer, write_jsonl
+
+REPO = Path(__file__).resolve().parents[1]
+DOMAINS = {  # name -> question pattern; `legal` shares items 20-29 with the `law` source
+    "legal": "Is clause {i} of the contract void?",
+    "chem": "Which compound boils at {i}0 degrees?",
+    "code": "What does def f{i}(x) return?",
+}
+
+
+def _mcq_rows(pattern: str, ids: range) -> list[list[str]]:
+    """Header-less MMLU-style rows: question, four choices, answer letter."""
+    return [
+        [pattern.format(i=i), f"answer {i}", f"option {i + 1}", f"choice {i + 2}", f"value {i + 3}", "ABCD"[i % 4]]
+        for i in ids
+    ]
+
+
+def _write_csv(path: Path, rows: list[list[str]]) -> None:
+    with path.open("w", newline="") as f:
+        csv.writer(f).writerows(rows)
+
+
+def write_validate_workspace(root: Path, eval_items: int = 10) -> Path:
+    tokenizer = tiny_tokenizer()
+    tiny_llama(len(tokenizer)).save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    tiny_sae(layer=1).save_model(root / "sae")
+    data = root / "data"
+    data.mkdir()
+    write_jsonl(
+        data / "math.jsonl",
+        [{"q": f"What is {a} plus {a + 3}?", "a": f"{a} + {a + 3} = {2 * a + 3}"} for a in range(40)],
+    )
+    _write_csv(data / "law.csv", _mcq_rows(DOMAINS["legal"], range(0, 30)))
+    _write_csv(data / "legal.csv", _mcq_rows(DOMAINS["legal"], range(20, 50)))
+    for name in ("chem", "code"):
+        _write_csv(data / f"{name}.csv", _mcq_rows(DOMAINS[name], range(30)))
+    columns = "[question, A, B, C, D, answer]"
+    domains = "\n".join(f"  - {{name: {n}, source: {{path: data/{n}.csv, columns: {columns}}}}}" for n in DOMAINS)
+    recipe = root / "validate.yaml"
+    recipe.write_text(f"""\
+kind: validate
+seed: 0
+model: {{path: ./model}}
+sae: {{path: ./sae, layer: 1}}
+sources:
+  - {{name: math, source: {{path: data/math.jsonl}}, prompt: "{{q}}", response: "{{a}}"}}
+  - {{name: law, source: {{path: data/law.csv, columns: {columns}}}, mcq: {{}}}}
+domains:
+{domains}
+split: {{eval_items: {eval_items}, min_scoring_items: 5, source_heldout: 5}}
+schedule: {{steps: 4, batch_size: 4, lr: 0.005, warmup_steps: 1, max_length: 96, checkpoint_every: 2}}
+sts: {{top_k: 8, target_tokens: 300, domain_tokens: 200, batch_tokens: 256, bootstrap: 20}}
+evaluation: {{batch_tokens: 1024, bootstrap: 30, split_halves: 3}}
+compare: {{target: math, allocation: {{target_fraction: 0.5, max_epochs: 2, stability: 0}}}}
+output: {{dir: out}}
+""")
+    return recipe
+
+
+@pytest.fixture(scope="module")
+def validated(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(recipe, run folder) of one end-to-end run with --compare-mixtures."""
+    from mixopt.validate import run_validation
+
+    recipe = write_validate_workspace(tmp_path_factory.mktemp("validate"))
+    out = recipe.parent / "run"
+    result = run_validation(load_validate_recipe(recipe), out, compare=True)
+    print(result.table())
+    return recipe, out
+
+
+# ------------------------------------------------------------------------------------------- split
+
+
+SPLIT_CODE = """
+import json
+from mixopt.evaluate import MCQItem
+from mixopt.validate import split_items
+items = [MCQItem(f"question {i}", ("a", "b", "c", "d"), i % 4) for i in range(50)]
+evaluation, scoring, _ = split_items(items, 12, seed=3)
+print(json.dumps([i.question for i in evaluation]))
+"""
+
+
+def test_split__identical_in_two_processes_with_different_hash_salts() -> None:
+    from mixopt.validate import split_items
+
+    processes = [  # started together: two cold imports in parallel
+        subprocess.Popen(
+            [sys.executable, "-c", SPLIT_CODE],
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=REPO,
+            env={**os.environ, "PYTHONHASHSEED": salt, "OMP_NUM_THREADS": "1"},
+        )
+        for salt in ("1", "2")
+    ]
+    runs = []
+    for process in processes:
+        stdout, _ = process.communicate(timeout=120)
+        assert process.returncode == 0
+        runs.append(json.loads(stdout.strip().splitlines()[-1]))
+    here, _, _ = split_items([MCQItem(f"question {i}", ("a", "b", "c", "d"), i % 4) for i in range(50)], 12, seed=3)
+    assert runs[0] == runs[1] == [i.question for i in here]
+
+
+def test_split__drops_repeats_and_another_seed_holds_out_other_items() -> None:
+    from mixopt.validate import split_items
+
+    items = [MCQItem(f"q{i}", ("a", "b"), 0) for i in range(30)]
+    evaluation, scoring, duplicates = split_items(items + items[:5], 10, seed=0)
+    assert duplicates == 5 and len(evaluation) == 10 and len(scoring) == 20
+    assert not {i.text for i in evaluation} & {i.text for i in scoring}
+    other, _, _ = split_items(items, 10, seed=1)
+    assert {i.text for i in other} != {i.text for i in evaluation}
+
+
+def test_validate__no_evaluation_item_leaks_into_scoring_or_training(validated: tuple[Path, Path]) -> None:
+    _, out = validated
+
+    def questions(folder: str, field: str) -> dict[str, set[str]]:
+        return {
+            p.stem: {json.loads(line)[field].split("\n")[0] for line in p.read_text().splitlines()}
+            for p in (out / "data" / folder).glob("*.jsonl")
+        }
+
+    evaluation, scoring = questions("eval", "question"), questions("scoring", "prompt")
+    train, heldout = questions("train", "prompt"), questions("heldout", "prompt")
+    held = set().union(*evaluation.values())
+    assert not held & set().union(*scoring.values())
+    report = json.loads((out / "validation.json").read_text())
+    for source, pool in train.items():
+        own = pool | heldout[source]
+        for domain, items in evaluation.items():
+            measured = report["sources"][source]["items_measured"][domain]
+            assert measured == len(items - own)  # the source's own items are never its evaluation items
+    assert report["sources"]["law"]["items_measured"]["legal"] < 10  # the overlap really was excluded
+    assert report["sources"]["math"]["items_measured"]["legal"] == 10
+
+
+# ----------------------------------------------------------------------------------------- metrics
+
+
+class FixedLogits(torch.nn.Module):
+    """A stand-in LM whose logits depend only on the position: logits[t] = table[t]."""
+
+    def __init__(self, table: torch.Tensor):
+        super().__init__()
+        self.table = table
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        logits_to_keep: torch.Tensor,
+        use_cache: bool = False,
+    ) -> object:
+        logits = self.table[: input_ids.shape[1]].expand(input_ids.shape[0], -1, -1)
+        return type("Out", (), {"logits": logits[logits_to_keep]})()
+
+
+def test_metrics__equal_a_hand_computation_on_fixed_logits() -> None:
+    from mixopt.model import LoadedModel
+
+    tok = tiny_tokenizer()
+    table = torch.randn(400, len(tok), generator=torch.Generator().manual_seed(0))
+    lm = LoadedModel(FixedLogits(table), tok, "fixed", "fixed", torch.device("cpu"), torch.float32)
+    item = MCQItem("Which compound boils first?", ("water", "salt water", "oil", "sand"), 2)
+    got = ev.score_items(lm, [item], max_length=400, batch_tokens=4096)
+
+    logp = table.log_softmax(-1)
+
+    def nll(prompt: str, reply: str) -> float:
+        enc = encode_chat(tok, prompt, reply, 10**6)
+        where = [t for t, r in enumerate(enc.response) if r]
+        return float(-torch.stack([logp[t - 1, enc.ids[t]] for t in where]).mean())
+
+    a = encode_chat(tok, item.prompt, "Answer: A", 10**6).ids
+    d = encode_chat(tok, item.prompt, "Answer: D", 10**6).ids
+    at = next(t for t in range(len(a)) if a[t] != d[t])  # first position where the letter differs
+    letters = [encode_chat(tok, item.prompt, f"Answer: {x}", 10**6).ids[at] for x in "ABCD"]
+    probs = logp[at - 1, letters].exp()
+    expected = {
+        "answer_nll": nll(item.prompt, "oil"),
+        "cloze_nll": nll(item.question, "oil"),
+        "letter_mass": float(probs.sum()),
+        "accuracy": float(int(probs.argmax()) == 2),
+        "letter_nll": float(-logp[at - 1, letters[2]]),
+    }
+    for metric, value in expected.items():
+        assert got[metric][0] == pytest.approx(value, rel=1e-5), metric
+
+
+def test_letter_metrics__on_a_toy_distribution() -> None:
+    lp = np.log(np.array([0.1, 0.2, 0.4, 0.1]))  # 0.2 of the mass is off the letters
+    out = ev.letter_metrics(lp, answer=1)
+    assert out == pytest.approx({"letter_mass": 0.8, "accuracy": 0.0, "letter_nll": -np.log(0.2)})
+
+
+def test_statistics__match_independent_formulas() -> None:
+    from scipy.stats import spearmanr
+
+    rng = np.random.default_rng(0)
+    x, z = rng.normal(size=40), rng.normal(size=40)
+    y = x + z + rng.normal(size=40)
+    assert ev.pearson(x, y) == pytest.approx(np.corrcoef(x, y)[0, 1])
+    assert ev.spearman(x, y) == pytest.approx(spearmanr(x, y).statistic)
+    rx, ry = x - np.polyval(np.polyfit(z, x, 1), z), y - np.polyval(np.polyfit(z, y, 1), z)  # residuals on z
+    assert ev.partial_pearson(x, y, z) == pytest.approx(np.corrcoef(rx, ry)[0, 1])
+    assert ev.spearman_brown(0.5) == pytest.approx(2 / 3)
+    constant_within = [np.full(10, float(k)) for k in range(5)]  # halves agree exactly
+    assert ev.split_half_reliability(constant_within, splits=3, seed=0) == pytest.approx(1.0)
+    idx = ev.bootstrap_indices(np.arange(40) // 2, 200, seed=0)  # 20 clusters of 2 rows
+    assert idx.shape == (200, 40) and (idx[:, ::2] // 2 == idx[:, 1::2] // 2).all()  # clusters drawn whole
+    draws = ev.pearson_rows(x[idx], y[idx])
+    assert draws[0] == pytest.approx(ev.pearson(x[idx[0]], y[idx[0]]))
+    lo, hi = ev.percentile_interval(draws)
+    assert lo < ev.pearson(x, y) < hi
+
+
+def test_random_control__reproducible_by_seed() -> None:
+    from mixopt import sts
+    from mixopt.features import Reduction, SourceStats
+
+    stats = SourceStats(torch.full((6,), 5), Reduction.empty(6, 64), Reduction.empty(6, 32))
+    stats.latents.update(torch.rand(30, 64), torch.arange(30) // 5)
+    assert sts.random_control(stats, k=8) == sts.random_control(stats, k=8)
+    assert torch.equal(sts.random_latents(64, 8, seed=3), sts.random_latents(64, 8, seed=3))
+    assert not torch.equal(sts.random_latents(64, 8, seed=3), sts.random_latents(64, 8, seed=4))
+
+
+# ----------------------------------------------------------------------------------------- fine-tune
+
+
+def test_finetune__lowers_the_training_loss_and_resumes_where_it_stopped(tmp_path: Path) -> None:
+    from mixopt.finetune import CHECKPOINT, finetune
+
+    tok = tiny_tokenizer()
+    examples = [encode_chat(tok, f"What is {a} plus 3?", f"{a} + 3 = {a + 3}", 64) for a in range(16)]
+    schedule = ScheduleSpec(steps=12, batch_size=4, lr=5e-3, warmup_steps=1, checkpoint_every=4)
+
+    whole = tiny_llama(len(tok))
+    straight = finetune(whole, examples, schedule, seed=0, folder=tmp_path / "a", pad_id=0)
+    assert straight.steps == 12 and np.mean(straight.losses[-3:]) < straight.losses[0]
+
+    resumed_model = tiny_llama(len(tok))
+    stopped = finetune(resumed_model, examples, schedule, seed=0, folder=tmp_path / "b", pad_id=0, max_steps=5)
+    assert stopped.steps == 5 and (tmp_path / "b" / CHECKPOINT).exists()
+    fresh = tiny_llama(len(tok))  # a new process would start from the base weights again
+    resumed = finetune(fresh, examples, schedule, seed=0, folder=tmp_path / "b", pad_id=0)
+    assert resumed.steps == 12 and resumed.losses == straight.losses
+    for (name, p), q in zip(whole.named_parameters(), fresh.parameters(), strict=True):
+        torch.testing.assert_close(p, q, msg=name)
+
+
+# ------------------------------------------------------------------------------------ recipe, check
+
+
+def test_check__validate_recipe_prints_ok(tmp_path: Path) -> None:
+    recipe = write_validate_workspace(tmp_path)
+    result = CliRunner().invoke(cli, ["check", str(recipe)])
+    assert result.exit_code == 0 and result.output.strip().endswith(": ok"), result.output
+
+
+def test_check__validate_domain_too_small_for_the_split_names_the_domain(tmp_path: Path) -> None:
+    recipe = write_validate_workspace(tmp_path, eval_items=28)
+    result = CliRunner().invoke(cli, ["check", str(recipe)])
+    assert result.exit_code == 2
+    assert "domains.0.source: 30 rows, but split.eval_items + split.min_scoring_items need 33" in result.output
+
+
+def test_recipe__validate_kind_is_rejected_by_plan_and_unknown_keys_by_its_schema(tmp_path: Path) -> None:
+    from mixopt.errors import RecipeError
+
+    recipe = write_validate_workspace(tmp_path)
+    with pytest.raises(RecipeError, match="run it with `mixopt validate`"):
+        load_recipe(recipe)
+    recipe.write_text(recipe.read_text().replace("split: {", "split: {eval_itemz: 3, "))
+    with pytest.raises(RecipeError, match=r"split\.eval_itemz: unknown key"):
+        load_validate_recipe(recipe)
+
+
+# ------------------------------------------------------------------------------------- end to end
+
+
+def test_validate__end_to_end_writes_correlations_plots_and_the_comparison(validated: tuple[Path, Path]) -> None:
+    _, out = validated
+    report = json.loads((out / "validation.json").read_text())
+    assert len(report["cells"]) == 2 * 3 and report["domains"] == ["legal", "chem", "code"]
+    pooled = report["correlations"]["answer_nll"]["pooled"]
+    assert set(pooled["scores"]) == {"act", "act_sq", "raw", "similarity", "random"}
+    assert pooled["scores"]["similarity"]["abs"]["n"] == 6
+    assert pooled["scores"]["act"]["abs"]["pearson"]["r"] is not None
+    assert set(pooled["partial_given_similarity"]) == {"act", "act_sq"}
+    assert set(report["correlations"]["letter_mass"]["by_source"]) == {"math", "law"}
+    for m in ev.METRICS:
+        assert set(report["metrics"][m]["reliability"]) == {"level", "change_pooled", "change_by_source"}
+    assert report["sources"]["math"]["finetune"]["steps"] == 4
+    runs = report["compare"]["runs"]
+    assert list(runs) == ["math", "math+uniform", "math+mixopt"]
+    assert sum(runs["math+uniform"]["mixture"].values()) == sum(runs["math+mixopt"]["mixture"].values()) == 16
+    for name in ("correlations.png", "scatter_math.png", "scatter_law.png", "compare.png"):
+        assert (out / "plots" / name).stat().st_size > 0, name
+    assert not list((out / "finetune").glob("*/checkpoint.pt"))  # dropped once measured
+
+
+def test_validate__rerun_reuses_finished_fine_tunes(
+    validated: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mixopt.finetune
+    from mixopt.validate import run_validation
+
+    recipe, out = validated
+
+    def no_training(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a finished fine-tune ran again")
+
+    monkeypatch.setattr(mixopt.finetune, "finetune", no_training)
+    before = json.loads((out / "validation.json").read_text())
+    again = run_validation(load_validate_recipe(recipe), out, compare=True)
+    for metric, change in before["cells"][0]["change"].items():
+        assert again.report["cells"][0]["change"][metric]["delta"] == pytest.approx(change["delta"])
+
+
+def test_cli__validate_command_prints_the_report(validated: tuple[Path, Path]) -> None:
+    from mixopt.validate import ValidationResult
+
+    _, out = validated
+    table = ValidationResult(out, json.loads((out / "validation.json").read_text())).table()
+    assert table.startswith("validation: 2 sources x 3 domains")
+    assert "mixture comparison at the same budget" in table
