@@ -218,7 +218,38 @@ class OutputSpec(Section):
     formats: list[Literal["arrow", "parquet"]] = ["arrow", "parquet"]  # trainer exports need parquet
 
 
-class Recipe(Section):
+class RecipeFile(Section):
+    """What every recipe kind shares: where it was read from, and its content hash."""
+
+    _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
+    _file: Path | None = PrivateAttr(default=None)
+
+    @property
+    def base_dir(self) -> Path:
+        """Folder that relative paths resolve against (the recipe file's folder)."""
+        return self._base_dir
+
+    @property
+    def file(self) -> Path | None:
+        return self._file
+
+    @property
+    def stem(self) -> str:
+        return self._file.stem if self._file else "recipe"
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True)
+
+    def sha256(self) -> str:
+        """Content hash of the validated recipe (defaults filled in, env vars expanded, keys sorted).
+
+        Formatting, comments and key order do not change it; any value that changes the result does.
+        """
+        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+class Recipe(RecipeFile):
     """A whole plan recipe. Build with `load_recipe(path)` so relative paths and `${VAR:-default}` resolve."""
 
     kind: Literal["plan"] = "plan"
@@ -231,9 +262,6 @@ class Recipe(Section):
     sts: STSSpec = STSSpec()
     allocation: AllocationSpec = AllocationSpec()
     output: OutputSpec = OutputSpec()
-
-    _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
-    _file: Path | None = PrivateAttr(default=None)
 
     @model_validator(mode="after")
     def _consistent(self) -> Recipe:
@@ -253,32 +281,8 @@ class Recipe(Section):
         return self
 
     @property
-    def base_dir(self) -> Path:
-        """Folder that relative source paths resolve against (the recipe file's folder)."""
-        return self._base_dir
-
-    @property
-    def file(self) -> Path | None:
-        return self._file
-
-    @property
-    def stem(self) -> str:
-        return self._file.stem if self._file else "recipe"
-
-    @property
     def target_seed(self) -> int:
         return self.seed if self.target.seed is None else self.target.seed
-
-    def to_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="json", by_alias=True)
-
-    def sha256(self) -> str:
-        """Content hash of the validated recipe (defaults filled in, env vars expanded, keys sorted).
-
-        Formatting, comments and key order do not change it; any value that changes the result does.
-        """
-        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(canonical.encode()).hexdigest()
 
     def with_overrides(self, seed: int | None = None, **allocation: Any) -> Recipe:
         """A copy with the seed and allocation fields replaced (e.g. from the command line); None skipped."""
@@ -317,7 +321,7 @@ class SAETrainingSpec(Section):
     checkpoints: Annotated[int, Field(ge=0)] = 4  # a stopped run resumes from the last one
 
 
-class SAETrainRecipe(Section):
+class SAETrainRecipe(RecipeFile):
     """`mixopt sae train` recipe: which model, layer and text to train an SAE on, and where to put it."""
 
     kind: Literal["sae-train"]
@@ -329,17 +333,6 @@ class SAETrainRecipe(Section):
     sae: SAEArchitectureSpec = SAEArchitectureSpec()
     training: SAETrainingSpec = SAETrainingSpec()
     output: str  # folder the SAE is saved to (sae-lens format), relative to the recipe file
-
-    _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
-    _file: Path | None = PrivateAttr(default=None)
-
-    @property
-    def base_dir(self) -> Path:
-        return self._base_dir
-
-    def sha256(self) -> str:
-        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 class MCQTemplates(Section):
@@ -456,7 +449,7 @@ class ValidateOutputSpec(Section):
     dir: str | None = None  # run folder, relative to the recipe file; default runs/<recipe file stem>
 
 
-class ValidateRecipe(Section):
+class ValidateRecipe(RecipeFile):
     """`mixopt validate` recipe: fine-tune on each source for real and check which scores forecast the change."""
 
     kind: Literal["validate"]
@@ -473,9 +466,6 @@ class ValidateRecipe(Section):
     compare: CompareSpec = CompareSpec()
     output: ValidateOutputSpec = ValidateOutputSpec()
 
-    _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
-    _file: Path | None = PrivateAttr(default=None)
-
     @model_validator(mode="after")
     def _consistent(self) -> ValidateRecipe:
         names = [s.name for s in self.sources] + [d.name for d in self.domains]
@@ -487,27 +477,8 @@ class ValidateRecipe(Section):
         return self
 
     @property
-    def base_dir(self) -> Path:
-        return self._base_dir
-
-    @property
-    def file(self) -> Path | None:
-        return self._file
-
-    @property
-    def stem(self) -> str:
-        return self._file.stem if self._file else "validate"
-
-    @property
     def compare_target(self) -> str:
         return self.compare.target or self.sources[0].name
-
-    def to_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="json", by_alias=True)
-
-    def sha256(self) -> str:
-        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 _ENV = re.compile(r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?::-(?P<default>[^}]*))?\}")
