@@ -78,5 +78,5 @@ def random_control(stats: SourceStats, k: int, seeds: int = 5) -> float:
 
 
 def name_seed(seed: int, name: str) -> int:
-    """A per-source seed from a content hash (Python's hash() is salted per process)."""
+    """A per-source seed from a content hash (the built-in string hash is salted per process)."""
     return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:4], "little")
