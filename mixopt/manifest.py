@@ -76,3 +76,8 @@ def versions() -> dict[str, str]:
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             found[name] = importlib.metadata.version(name)
     return found
+
+
+def recipe_record(recipe: Any) -> dict[str, Any]:
+    """Where a recipe came from, its content hash and its resolved values (any recipe kind)."""
+    return {"file": str(recipe.file) if recipe.file else None, "sha256": recipe.sha256(), "resolved": recipe.to_dict()}

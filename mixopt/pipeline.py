@@ -247,7 +247,7 @@ def manifest_record(
     seconds: dict[str, float],
 ) -> dict[str, Any]:
     """Everything needed to say exactly how a mixture was made (DESIGN.md section 5)."""
-    from mixopt.manifest import checksums, versions
+    from mixopt.manifest import checksums, recipe_record, versions
     from mixopt.model import BUILTIN_MODELS, builtin_gguf
     from mixopt.sae import resolve_sae_dir
 
@@ -261,11 +261,7 @@ def manifest_record(
     return {
         "mixopt_manifest_version": 1,
         "versions": versions(),
-        "recipe": {
-            "file": str(recipe.file) if recipe.file else None,
-            "sha256": recipe.sha256(),
-            "resolved": recipe.to_dict(),
-        },
+        "recipe": recipe_record(recipe),
         "model": {
             "path": recipe.model.path,
             "identity": context["model_identity"],

@@ -905,7 +905,7 @@ def assemble(
     spans: dict[str, slice],
 ) -> dict[str, Any]:
     """validation.json without the correlations: provenance, split, fine-tunes, cells, reliabilities."""
-    from mixopt.manifest import versions
+    from mixopt.manifest import recipe_record, versions
 
     e = recipe.evaluation
     rel = reliabilities(cells, base, spans, e.split_halves, recipe.seed)
@@ -914,11 +914,7 @@ def assemble(
     return {
         "mixopt_validation_version": 1,
         "versions": versions(),
-        "recipe": {
-            "file": str(recipe.file) if recipe.file else None,
-            "sha256": recipe.sha256(),
-            "resolved": recipe.to_dict(),
-        },
+        "recipe": recipe_record(recipe),
         "model": recipe.model.path,
         "sae": first.sae,
         "layer": first.layer,
