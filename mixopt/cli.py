@@ -221,8 +221,14 @@ def output_dir(recipe: Any) -> Path:
     is_flag=True,
     help="Also fine-tune at the same budget on target + uniform replay and on target + mixopt's allocation.",
 )
+@click.option(
+    "--sweep",
+    is_flag=True,
+    help="Also re-score under each open setting (top_k, demonstrations, the icl variant) and rank them; "
+    "trains nothing more.",
+)
 @user_errors
-def validate(recipe: Path, out: Path | None, compare_mixtures: bool) -> None:
+def validate(recipe: Path, out: Path | None, compare_mixtures: bool, sweep: bool) -> None:
     """Fine-tune for real on each source of RECIPE and check which scores forecast the per-domain change.
 
     Splits each evaluation domain by content hash into a scoring part and held-out items, measures the
@@ -234,12 +240,13 @@ def validate(recipe: Path, out: Path | None, compare_mixtures: bool) -> None:
     \b
     e.g. mixopt validate recipes/validate-mmlu.yaml
          mixopt validate recipes/validate-mmlu.yaml --out runs/v --compare-mixtures
+         mixopt validate recipes/validate-mmlu.yaml --sweep      (after a run: which k, m, variant)
     """
     from mixopt.recipe import load_validate_recipe
     from mixopt.validate import run_validation
 
     spec = load_validate_recipe(recipe)
-    result = run_validation(spec, out or output_dir(spec), compare=compare_mixtures)
+    result = run_validation(spec, out or output_dir(spec), compare=compare_mixtures, sweep=sweep)
     click.echo(result.table())
     click.echo(f"\nreport: {result.out / 'validation.json'}")
     click.echo(f"plots: {result.out / 'plots'}")

@@ -219,16 +219,20 @@ def plan_recipe_for(recipe: ValidateRecipe, source: FinetuneSourceSpec, out: Pat
     return plan
 
 
-def score_sources(recipe: ValidateRecipe, out: Path, domains: Sequence[str]) -> dict[str, Any]:
-    """Scores (mixopt.scores.Scores) of each source against the domains; also saved under OUT/scores."""
+def score_sources(
+    recipe: ValidateRecipe, out: Path, domains: Sequence[str], folder: Path | None = None
+) -> dict[str, Any]:
+    """Scores (mixopt.scores.Scores) of each source against the domains; also saved under `folder`
+    (default OUT/scores)."""
     from mixopt.pipeline import score_recipe
 
+    folder = folder or out / "scores"
     scores = {}
     for source in recipe.sources:
         _note(f"scores: {source.name} as the target, {len(domains)} domains")
         scores[source.name], _ = score_recipe(plan_recipe_for(recipe, source, out, domains))
-        (out / "scores").mkdir(exist_ok=True)
-        scores[source.name].save(out / "scores" / f"{source.name}.json")
+        folder.mkdir(parents=True, exist_ok=True)
+        scores[source.name].save(folder / f"{source.name}.json")
     return scores
 
 
@@ -608,6 +612,10 @@ def report_table(report: dict[str, Any]) -> str:
         lines += ["", *_metric_table(report, m)]
     if report.get("compare"):
         lines += ["", compare_table(report["compare"])]
+    if report.get("sweep"):
+        from mixopt.sweep import sweep_table
+
+        lines += ["", sweep_table(report["sweep"])]
     return "\n".join(lines)
 
 
@@ -814,8 +822,9 @@ def _spans(domains: Sequence[DomainData]) -> dict[str, slice]:
     return spans
 
 
-def run_validation(recipe: ValidateRecipe, out: Path, compare: bool = False) -> ValidationResult:
-    """The whole closed loop (module docstring); writes OUT/validation.json and OUT/plots, returns the report."""
+def run_validation(recipe: ValidateRecipe, out: Path, compare: bool = False, sweep: bool = False) -> ValidationResult:
+    """The whole closed loop (module docstring); writes OUT/validation.json and OUT/plots, returns the report.
+    `sweep`: also re-score under each open setting of the design (`mixopt.sweep`)."""
     from mixopt.checks import check_static
 
     timings: dict[str, float] = {}
@@ -862,6 +871,12 @@ def run_validation(recipe: ValidateRecipe, out: Path, compare: bool = False) -> 
         report["compare"] = run_compare(
             recipe, domains, sources, scores, base, after, items, spans, masks, out, identity, timings
         )
+    if sweep:
+        from mixopt.sweep import run_sweep
+
+        t = time.perf_counter()
+        report["sweep"] = run_sweep(recipe, out, cells, primary_metric(report))
+        timings["sweep"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - started
     report["timings"] = {k: round(v, 1) for k, v in timings.items()}
     write_report(out, report, matrix, cells, recipe.sts.score)

@@ -352,3 +352,33 @@ def test_cli__validate_command_prints_the_report(validated: tuple[Path, Path]) -
     table = ValidationResult(out, json.loads((out / "validation.json").read_text())).table()
     assert table.startswith("validation: 2 sources x 3 domains")
     assert "mixture comparison at the same budget" in table
+
+
+def test_sweep__rescores_every_setting_without_training_and_agrees_with_the_report(
+    validated: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mixopt.finetune
+    from mixopt.sweep import TOP_K, sweep_table
+    from mixopt.validate import run_validation
+
+    recipe, out = validated
+
+    def no_training(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the sweep trained")
+
+    monkeypatch.setattr(mixopt.finetune, "finetune", no_training)
+    report = run_validation(load_validate_recipe(recipe), out, compare=True, sweep=True).report
+    sweep = report["sweep"]
+    rows = {(r["setting"], r["scorer"]): r for r in sweep["rows"]}
+    assert {f"top_k={k}" for k in TOP_K if k != 8} | {"recipe", "demos=1", "demos=4", "score=icl"} == {
+        s for s, _ in rows
+    }
+    assert ("score=icl", "icl") in rows and ("recipe", "similarity") in rows
+    pooled = report["correlations"][sweep["metric"]]["pooled"]["scores"]
+    for scorer in ("act", "similarity", "random"):  # the recipe's own setting is the main report's numbers
+        assert rows["recipe", scorer]["pooled"]["abs"]["pearson"]["r"] == pytest.approx(
+            pooled[scorer]["abs"]["pearson"]["r"], nan_ok=True
+        )
+    k = json.loads((out / "sweep" / "top_k=30" / "math.json").read_text())["top_k"]
+    assert k == 30  # the tiny SAE has 64 latents: k=30 is a real setting, k=100+ saturate at 64
+    assert "best within-source forecaster" in sweep_table(sweep)

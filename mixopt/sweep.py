@@ -1,0 +1,105 @@
+"""Sweep: which scoring settings forecast the measured change best? (`mixopt validate --sweep`)
+
+The design leaves open the number of shifted latents k, the demonstrations per query m and the score
+variant (DESIGN.md section 3). The sweep re-scores a finished validation run under each setting and
+correlates every scorer with the change of the run's primary (most reliable) metric. Nothing is trained
+or measured again: fine-tunes and measurements come from the run folder, and feature passes from the
+cache wherever the scored token ids are unchanged (k, and the variants computed from the same passes);
+a new m recomputes the sources' shift passes, and `icl` runs each domain once more with its own worked
+examples (on `ICL_DOMAIN_TOKENS` tokens per domain, to keep the sweep within minutes on a CPU).
+
+Example:
+    >>> result = run_validation(recipe, Path("runs/v"))                                     # doctest: +SKIP
+    >>> sweep = run_sweep(recipe, Path("runs/v"), result.cells, result.report["primary_metric"])  # doctest: +SKIP
+    >>> print(sweep_table(sweep))                                                           # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mixopt.recipe import ValidateRecipe
+
+TOP_K = (10, 30, 100, 300, 1000)
+DEMOS = (1, 2, 4)
+ICL_DOMAIN_TOKENS = 3000
+SHIFT_SCORERS = ("act", "act_sq", "raw")  # scorers that read the shifted latents (or dimensions)
+
+
+@dataclass
+class Setting:
+    name: str
+    sts: dict[str, Any] = field(default_factory=dict)  # overrides of the recipe's `sts` section
+    demos: int | None = None  # m for every source; None keeps each source's own
+    scorers: tuple[str, ...] = SHIFT_SCORERS  # which scorers this setting can move
+
+
+def settings(recipe: ValidateRecipe) -> list[Setting]:
+    """The recipe's own setting (with every scorer), then k, m and the `icl` variant one at a time."""
+    return [
+        Setting("recipe", scorers=("act", "act_sq", "raw", "similarity", "random")),
+        *(Setting(f"top_k={k}", {"top_k": k}) for k in TOP_K if k != recipe.sts.top_k),
+        *(Setting(f"demos={m}", demos=m) for m in DEMOS if any(s.icl_demos != m for s in recipe.sources)),
+        Setting("score=icl", {"score": "icl", "domain_tokens": ICL_DOMAIN_TOKENS}, scorers=("icl",)),
+    ]
+
+
+def with_setting(recipe: ValidateRecipe, setting: Setting) -> ValidateRecipe:
+    sources = recipe.sources
+    if setting.demos is not None:
+        sources = [s.model_copy(update={"icl_demos": setting.demos}) for s in sources]
+    return recipe.model_copy(update={"sts": recipe.sts.model_copy(update=setting.sts), "sources": sources})
+
+
+def run_sweep(recipe: ValidateRecipe, out: Path, cells: Any, metric: str) -> dict[str, Any]:
+    """{metric, rows: [{setting, scorer, pooled, within}]}: each row's correlations with |change| and
+    change of `metric`, pooled over the cells and standardised within each source (validate.correlations)."""
+    from mixopt.validate import correlations, score_matrix, score_sources
+
+    rows = []
+    for setting in settings(recipe):
+        scores = score_sources(with_setting(recipe, setting), out, cells.domains, out / "sweep" / setting.name)
+        matrix = {k: v for k, v in score_matrix(scores, cells.sources, cells.domains).items() if k in setting.scorers}
+        result = correlations(cells, matrix, recipe.evaluation.bootstrap, recipe.seed)[metric]
+        for scorer in matrix:
+            rows.append(
+                {
+                    "setting": setting.name,
+                    "scorer": scorer,
+                    "pooled": result["pooled"]["scores"][scorer],
+                    "within": result["within"]["scores"][scorer],
+                }
+            )
+    return {"metric": metric, "rows": rows}
+
+
+def best_row(sweep: dict[str, Any]) -> dict[str, Any]:
+    """The row whose scores track |change| best within sources (sources' scales differ, DESIGN.md 7)."""
+    return max(sweep["rows"], key=lambda r: np.nan_to_num(_value(r["within"]["abs"]["spearman"]["r"]), nan=-np.inf))
+
+
+def _value(r: float | None) -> float:
+    return np.nan if r is None else float(r)
+
+
+def sweep_table(sweep: dict[str, Any]) -> str:
+    from mixopt.validate import _rci
+
+    lines = [
+        f"sweep: every setting against the change in {sweep['metric']} (95% intervals resample domains)",
+        f"{'setting':<12} {'scorer':<11} {'|change| Pearson':>22} {'|change| Spearman':>22} "
+        f"{'within |change| Spearman':>24} {'change Pearson':>22}",
+    ]
+    for r in sweep["rows"]:
+        p, w = r["pooled"], r["within"]
+        lines.append(
+            f"{r['setting']:<12} {r['scorer']:<11} {_rci(p['abs']['pearson']):>22} {_rci(p['abs']['spearman']):>22} "
+            f"{_rci(w['abs']['spearman']):>24} {_rci(p['signed']['pearson']):>22}"
+        )
+    best = best_row(sweep)
+    lines.append(f"best within-source forecaster of |change|: {best['scorer']} at {best['setting']}")
+    return "\n".join(lines)
