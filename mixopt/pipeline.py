@@ -142,12 +142,6 @@ def score_recipe(recipe: Recipe, timings: Timings | None = None) -> tuple[Scores
 
     def record(name: str, sample: Sample, result: PassResult, icl: PassResult | None) -> DomainScore:
         stats = result.stats
-        scored = icl.shift if (variant == "icl" and icl is not None and icl.shift is not None) else stats
-        reduction = scored.latents
-        raw_reduction = scored.resid
-        per_example = sts.example_scores(reduction, scored.example_tokens, latents, variant)
-        tokens = scored.example_tokens.numpy()
-        stderr, interval = sts.bootstrap(per_example, tokens, recipe.sts.bootstrap, sts.name_seed(recipe.seed, name))
         variants = {v: sts.domain_score(stats.latents, stats.n_tokens, latents, v) for v in ("act", "act_sq")}
         variants |= {f"raw_{v}": sts.domain_score(stats.resid, stats.n_tokens, raw_dims, v) for v in ("act", "act_sq")}
         if icl is not None and icl.shift is not None:
@@ -155,11 +149,14 @@ def score_recipe(recipe: Recipe, timings: Timings | None = None) -> tuple[Scores
             variants["raw_icl"] = sts.domain_score(icl.shift.resid, icl.shift.n_tokens, raw_dims, "icl")
         variants["similarity"] = sts.centered_similarity(sts.mean_residual(stats), target_mean, grand)
         variants["random"] = sts.random_control(stats, k)
+        per_example, tokens = scorer_examples(variant, stats, icl, latents, raw_dims, target_mean, grand)
+        stderr, interval = sts.bootstrap(per_example, tokens, recipe.sts.bootstrap, sts.name_seed(recipe.seed, name))
         mean_all, mean_response = mean_tokens(sample.examples)
+        scored = variant if variant != "icl" or "icl" in variants else "act"  # the target has no ICL pass of its own
         return DomainScore(
             name=name,
-            sts=sts.domain_score(reduction, scored.n_tokens, latents, variant),
-            baseline=sts.domain_score(raw_reduction, scored.n_tokens, raw_dims, variant),
+            sts=variants[SCORER_KEYS.get(scored, scored)],
+            baseline=variants[BASELINE_KEYS.get(scored, "raw_act")],
             similarity=variants["similarity"],
             tokens=stats.n_tokens,
             examples=len(sample.examples),
@@ -193,6 +190,33 @@ def score_recipe(recipe: Recipe, timings: Timings | None = None) -> tuple[Scores
         "timings": timings,
     }
     return scores, context
+
+
+SCORER_KEYS = {"raw": "raw_act"}  # scorer name (recipe `sts.score`) -> key in DomainScore.variants
+BASELINE_KEYS = {"act": "raw_act", "act_sq": "raw_act_sq", "icl": "raw_icl"}  # the same steps on raw dims
+
+
+def scorer_examples(
+    scorer: str,
+    stats: SourceStats,
+    icl: PassResult | None,
+    latents: torch.Tensor,
+    raw_dims: torch.Tensor,
+    target_mean: torch.Tensor,
+    grand: torch.Tensor,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(per-example scores, token counts) whose token-weighted mean is the scorer's value: the solver's
+    bootstrap and the score's interval resample them. The target (no ICL pass) scores `icl` as `act`."""
+    if scorer == "similarity":
+        return sts.similarity_example_scores(stats, target_mean, grand), stats.example_tokens.numpy()
+    if scorer == "icl" and icl is not None and icl.shift is not None:
+        return sts.example_scores(icl.shift.latents, icl.shift.example_tokens, latents, "icl"), (
+            icl.shift.example_tokens.numpy()
+        )
+    if scorer == "raw":
+        return sts.example_scores(stats.resid, stats.example_tokens, raw_dims, "act"), stats.example_tokens.numpy()
+    variant = "act" if scorer == "icl" else scorer
+    return sts.example_scores(stats.latents, stats.example_tokens, latents, variant), stats.example_tokens.numpy()
 
 
 def _zero_like(stats: SourceStats) -> tuple[Any, Any]:

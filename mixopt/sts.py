@@ -7,6 +7,8 @@ Notation (DESIGN.md section 3): f_j(t) is latent j of the SAE at token t; S the 
 - `icl`    (paper's STS_ICL):      mean_t sum_{j in S} (f_j(demos_D, x) - f_j(x))^2 over D's own queries
 Baselines: `raw` (the same steps on residual dimensions), `similarity` (cosine of centered mean
 residuals, domain vs target), `random` (the `act` formula on k random latents, averaged over seeds).
+Any of act, act_sq, icl, raw and similarity can be the recipe's scorer (`sts.score`): the one the
+solver reads. `mixopt validate --sweep` says which forecasts best on your data.
 """
 
 from __future__ import annotations
@@ -63,6 +65,19 @@ def centered_similarity(domain: torch.Tensor, target: torch.Tensor, grand_mean: 
     """cos(mean_D - grand, mean_T - grand): without centering every text shares one big direction."""
     a, b = domain - grand_mean, target - grand_mean
     return float(torch.dot(a, b) / (a.norm() * b.norm()).clamp(min=1e-12))
+
+
+def similarity_example_scores(stats: SourceStats, target: torch.Tensor, grand_mean: torch.Tensor) -> np.ndarray:
+    """Each example's first-order share of `centered_similarity`: cos + g . (a_i - a), where a_i is the
+    example's mean residual minus the grand mean, a the domain's, and g the gradient of cos(a, b) in a.
+    Their token-weighted mean is the similarity exactly, so resampling them gives delta-method intervals."""
+    a, b = (mean_residual(stats) - grand_mean).double(), (target - grand_mean).double()
+    norm_a, norm_b = a.norm().clamp(min=1e-12), b.norm().clamp(min=1e-12)
+    cos = torch.dot(a, b) / (norm_a * norm_b)
+    gradient = b / (norm_a * norm_b) - cos * a / norm_a**2
+    tokens = stats.example_tokens.clamp(min=1).double()
+    a_i = stats.resid.per_example.double() / tokens[:, None] - grand_mean.double()  # (examples, d_model)
+    return (cos + (a_i - a) @ gradient).numpy()
 
 
 def random_latents(d_sae: int, k: int, seed: int) -> torch.Tensor:

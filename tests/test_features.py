@@ -13,7 +13,14 @@ from mixopt.cli import cli
 from mixopt.encoding import encode_chat, encode_demonstrations, encode_text
 from mixopt.features import run_pass
 from mixopt.model import LoadedModel, residual_stream
-from mixopt.sts import domain_score, example_scores, shifted_latents
+from mixopt.sts import (
+    centered_similarity,
+    domain_score,
+    example_scores,
+    mean_residual,
+    shifted_latents,
+    similarity_example_scores,
+)
 from tests.tiny import tiny_llama, tiny_sae, tiny_tokenizer
 
 LAYER = 1
@@ -131,6 +138,37 @@ def test_sts__act_is_mean_over_tokens_of_the_sum_over_shifted_latents(lm: Loaded
     assert (per * weights).sum() / weights.sum() == pytest.approx(act, rel=1e-5)
     act_sq = domain_score(stats.latents, stats.n_tokens, latents, "act_sq")
     assert act_sq == pytest.approx(float((stats.latents.total_sq[latents] / stats.n_tokens).mean()))
+
+
+def test_similarity__per_example_shares_average_to_the_similarity(lm: LoadedModel, sae) -> None:
+    stats = run_pass(lm, sae, LAYER, _examples(lm), [], 256, "t").stats
+    target = run_pass(lm, sae, LAYER, _examples(lm, 4)[::-1], [], 256, "t").stats
+    grand = (mean_residual(stats) + mean_residual(target)) / 2
+    similarity = centered_similarity(mean_residual(stats), mean_residual(target), grand)
+    per = similarity_example_scores(stats, mean_residual(target), grand)
+    weights = stats.example_tokens.double().numpy()
+    assert (per * weights).sum() / weights.sum() == pytest.approx(similarity, abs=1e-5)
+    assert per.std() > 0  # examples differ, so a bootstrap over them has spread
+
+
+@pytest.mark.parametrize("scorer", ["similarity", "raw", "act_sq"])
+def test_score_cli__any_scorer_is_what_the_solver_reads(workspace: Path, tmp_path: Path, scorer: str) -> None:
+    import json
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(workspace.read_text().replace("sts: {", f"sts: {{score: {scorer}, "))
+    for name in ("model", "sae", "data"):
+        (tmp_path / name).symlink_to(workspace.parent / name)
+    out = tmp_path / "scores.json"
+    result = CliRunner().invoke(cli, ["score", str(recipe), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    scores = json.loads(out.read_text())
+    key = {"raw": "raw_act"}.get(scorer, scorer)
+    for d in scores["domains"]:
+        assert d["sts"] == d["variants"][key]
+        weights = d["example_tokens"]
+        mean = sum(s * w for s, w in zip(d["example_scores"], weights, strict=True)) / sum(weights)
+        assert mean == pytest.approx(d["sts"], abs=1e-4)
 
 
 def test_plain_text__counts_every_non_special_token(lm: LoadedModel) -> None:
