@@ -7,8 +7,8 @@ Text: MMLU test questions (choices + answer) and GSM8K train problems from `${MI
 counted tokens; generated sentences when the data is absent. Model: the embedded SmolLM2-135M-Instruct.
 SAE: the built-in layer-22 SAE, or a random sae-lens TopKSAE of the same shape until it is built (same cost).
 
-- mixopt: `run_pass` with no prefix: length-sorted batches of 4096 padded tokens, forward stopped after
-  block 22, per-latent float64 reductions.
+- mixopt: `run_pass` with no prefix: length-sorted batches of at most 4096 padded tokens cut where padding
+  + per-batch cost is least, forward stopped after block 22, per-latent float64 reductions.
 - naive (the paper's code): the whole model with `output_hidden_states=True` (all 30 blocks and the LM
   head), fixed batches of 8 examples padded to the longest, every counted token's SAE features kept and grown
   with `torch.cat`, statistics (sum, sum of squares, active count) computed at the end.
