@@ -224,7 +224,8 @@ def output_dir(recipe: Any) -> Path:
 @click.option(
     "--sweep",
     is_flag=True,
-    help="Also re-score under each open setting (top_k, demonstrations, the icl variant) and rank them; "
+    help="Also re-score under each open setting (top_k, demonstrations, the icl variant, which tokens count) "
+    "and rank them; "
     "trains nothing more.",
 )
 @user_errors

@@ -4,6 +4,7 @@ features -> STS -> Scores. Each stage lives in its own module; this one only cho
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -54,28 +55,36 @@ def rendered_rows(section: TargetSpec | DomainSpec, recipe: Recipe, where: str) 
     return render(ds, section)
 
 
-def encode_row(lm: LoadedModel, row: dict[str, str], max_length: int) -> Encoded:
+def encode_row(lm: LoadedModel, row: dict[str, str], max_length: int, tokens: str = "content") -> Encoded:
+    """`tokens`: which tokens count: all content (prompt and response) or the response alone."""
     if "text" in row:
         return encode_text(lm.tokenizer, row["text"], max_length)
-    return encode_chat(lm.tokenizer, row["prompt"], row["response"], max_length)
+    encoded = encode_chat(lm.tokenizer, row["prompt"], row["response"], max_length)
+    return dataclasses.replace(encoded, counted=encoded.response) if tokens == "response" else encoded
 
 
 def sample_source(
-    rows: datasets.Dataset, lm: LoadedModel, seed: int, n_demos: int, token_budget: int, max_length: int
+    rows: datasets.Dataset,
+    lm: LoadedModel,
+    seed: int,
+    n_demos: int,
+    token_budget: int,
+    max_length: int,
+    tokens: str = "content",
 ) -> Sample:
     """Seeded order; the first `n_demos` rows are demonstrations (never queries), then queries until
-    `token_budget` counted tokens."""
+    `token_budget` counted tokens (`tokens`: see `encode_row`)."""
     order = np.random.default_rng(seed).permutation(len(rows)).tolist()
     demo_rows = [rows[i] for i in order[:n_demos]]
     demos = [(r["prompt"], r["response"]) if "prompt" in r else (r["text"], "") for r in demo_rows]
-    examples, tokens = [], 0
+    examples, n_counted = [], 0
     for i in order[n_demos:]:
-        if tokens >= token_budget:
+        if n_counted >= token_budget:
             break
-        encoded = encode_row(lm, rows[i], max_length)
+        encoded = encode_row(lm, rows[i], max_length, tokens)
         if encoded.n_counted:
             examples.append(encoded)
-            tokens += encoded.n_counted
+            n_counted += encoded.n_counted
     return Sample(len(rows), examples, demos)
 
 
@@ -90,7 +99,7 @@ def score_recipe(recipe: Recipe, timings: Timings | None = None) -> tuple[Scores
     timings = timings or Timings()
     lm: LoadedModel = timings.timed("load_model", lambda: load_model(recipe.model, recipe.base_dir))
     sae = timings.timed("load_sae", lambda: load_sae(recipe.sae, recipe.base_dir, lm.device))
-    layer, k, variant = recipe.sae.layer, recipe.sts.top_k, recipe.sts.score
+    layer, k, variant, counted = recipe.sae.layer, recipe.sts.top_k, recipe.sts.score, recipe.sts.tokens
     check_sae(sae, lm, layer)
     identity = {
         "model": lm.identity,
@@ -114,7 +123,7 @@ def score_recipe(recipe: Recipe, timings: Timings | None = None) -> tuple[Scores
 
         raise SourceError(f"target has {len(target_rows)} rows; it needs more than icl_demos={target.icl_demos}")
     target_sample = sample_source(
-        target_rows, lm, recipe.target_seed, target.icl_demos, recipe.sts.target_tokens, recipe.sts.max_length
+        target_rows, lm, recipe.target_seed, target.icl_demos, recipe.sts.target_tokens, recipe.sts.max_length, counted
     )
     prefix = encode_demonstrations(lm.tokenizer, target_sample.demos)
     target_pass = stream(f"target {target.name}", target_sample, prefix)
@@ -128,11 +137,13 @@ def score_recipe(recipe: Recipe, timings: Timings | None = None) -> tuple[Scores
     for i, domain in enumerate(recipe.domains):
         rows = rendered_rows(domain, recipe, f"domains.{i}")
         seed = sts.name_seed(recipe.seed, domain.name)
-        samples[domain.name] = sample_source(rows, lm, seed, 0, recipe.sts.domain_tokens, recipe.sts.max_length)
+        samples[domain.name] = sample_source(
+            rows, lm, seed, 0, recipe.sts.domain_tokens, recipe.sts.max_length, counted
+        )
         passes[domain.name] = stream(f"domain {domain.name}", samples[domain.name], [])
         if variant == "icl":
             icl_sample = sample_source(
-                rows, lm, seed, domain.icl_demos, recipe.sts.domain_tokens, recipe.sts.max_length
+                rows, lm, seed, domain.icl_demos, recipe.sts.domain_tokens, recipe.sts.max_length, counted
             )
             icl_prefix = encode_demonstrations(lm.tokenizer, icl_sample.demos)
             icl_passes[domain.name] = stream(f"domain {domain.name} (icl)", icl_sample, icl_prefix)

@@ -179,6 +179,7 @@ class DomainSpec(TextTemplates):
 class STSSpec(Section):
     # the scorer the solver reads: an STS variant or a baseline (DESIGN.md section 3; `validate --sweep`)
     score: Literal["act", "act_sq", "icl", "raw", "similarity"] = "act"
+    tokens: Literal["content", "response"] = "content"  # which tokens count: prompt + response, or response
     top_k: Annotated[int, Field(gt=0)] = 100  # shifted latents kept
     target_tokens: Annotated[int, Field(gt=0)] = 20_000  # target tokens for the shift estimate
     domain_tokens: Annotated[int, Field(gt=0)] = 10_000  # tokens scored per domain

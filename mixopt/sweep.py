@@ -1,17 +1,17 @@
 """Sweep: which scoring settings forecast the measured change best? (`mixopt validate --sweep`)
 
-The design leaves open the number of shifted latents k, the demonstrations per query m and the score
-variant (DESIGN.md section 3). The sweep re-scores a finished validation run under each setting and
-correlates every scorer with the change of the run's primary (most reliable) metric. Nothing is trained
-or measured again: fine-tunes and measurements come from the run folder, and feature passes from the
-cache wherever the scored token ids are unchanged (k, and the variants computed from the same passes);
-a new m recomputes the sources' shift passes, and `icl` runs each domain once more with its own worked
-examples (on `ICL_DOMAIN_TOKENS` tokens per domain, to keep the sweep within minutes on a CPU).
+The design leaves open the number of shifted latents k, the demonstrations per query m, the score
+variant and which tokens count (DESIGN.md section 3). The sweep re-scores a finished validation run
+under each setting and correlates every scorer with the change of the run's primary (most reliable)
+metric. Nothing is trained or measured again: fine-tunes and measurements come from the run folder,
+and feature passes from the cache wherever the scored token ids are unchanged (k, and the variants
+computed from the same passes); a new m recomputes the sources' shift passes, `icl` runs each domain
+once more with its own worked examples (on `ICL_DOMAIN_TOKENS` tokens per domain, to keep the sweep
+within minutes on a CPU), and counting only response tokens rescores every source and domain.
 
 Example:
-    >>> result = run_validation(recipe, Path("runs/v"))                                     # doctest: +SKIP
-    >>> sweep = run_sweep(recipe, Path("runs/v"), result.cells, result.report["primary_metric"])  # doctest: +SKIP
-    >>> print(sweep_table(sweep))                                                           # doctest: +SKIP
+    >>> report = run_validation(recipe, Path("runs/v"), sweep=True).report    # doctest: +SKIP
+    >>> print(sweep_table(report["sweep"]))                                   # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -27,7 +27,9 @@ from mixopt.recipe import ValidateRecipe
 TOP_K = (10, 30, 100, 300, 1000)
 DEMOS = (1, 2, 4)
 ICL_DOMAIN_TOKENS = 3000
+TOKENS = ("content", "response")
 SHIFT_SCORERS = ("act", "act_sq", "raw")  # scorers that read the shifted latents (or dimensions)
+ALL_SCORERS = (*SHIFT_SCORERS, "similarity", "random")
 
 
 @dataclass
@@ -41,10 +43,11 @@ class Setting:
 def settings(recipe: ValidateRecipe) -> list[Setting]:
     """The recipe's own setting (with every scorer), then k, m and the `icl` variant one at a time."""
     return [
-        Setting("recipe", scorers=("act", "act_sq", "raw", "similarity", "random")),
+        Setting("recipe", scorers=ALL_SCORERS),
         *(Setting(f"top_k={k}", {"top_k": k}) for k in TOP_K if k != recipe.sts.top_k),
         *(Setting(f"demos={m}", demos=m) for m in DEMOS if any(s.icl_demos != m for s in recipe.sources)),
         Setting("score=icl", {"score": "icl", "domain_tokens": ICL_DOMAIN_TOKENS}, scorers=("icl",)),
+        *(Setting(f"tokens={t}", {"tokens": t}, scorers=ALL_SCORERS) for t in TOKENS if t != recipe.sts.tokens),
     ]
 
 

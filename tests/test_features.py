@@ -171,6 +171,29 @@ def test_score_cli__any_scorer_is_what_the_solver_reads(workspace: Path, tmp_pat
         assert mean == pytest.approx(d["sts"], abs=1e-4)
 
 
+def test_sts_tokens_response__counts_only_response_tokens(workspace: Path, tmp_path: Path) -> None:
+    import json
+
+    from mixopt.pipeline import encode_row
+
+    lm = LoadedModel(tiny_llama(len(tok := tiny_tokenizer())), tok, "tiny", "tiny", torch.device("cpu"), torch.float32)
+    row = {"prompt": "What is 2 plus 5?", "response": "2 + 5 = 7"}
+    content, response = encode_row(lm, row, 512), encode_row(lm, row, 512, tokens="response")
+    assert content.ids == response.ids and response.counted == content.response
+    assert 0 < response.n_counted < content.n_counted
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(workspace.read_text().replace("sts: {", "sts: {tokens: response, "))
+    for name in ("model", "sae", "data"):
+        (tmp_path / name).symlink_to(workspace.parent / name)
+    out = tmp_path / "scores.json"
+    assert CliRunner().invoke(cli, ["score", str(recipe), "--out", str(out)]).exit_code == 0
+    target = json.loads(out.read_text())["target"]
+    assert target["mean_response_tokens"] < target["mean_tokens"]
+    assert sum(target["example_tokens"]) / len(target["example_tokens"]) == pytest.approx(
+        target["mean_response_tokens"]
+    )  # every counted token of the target is a response token
+
+
 def test_plain_text__counts_every_non_special_token(lm: LoadedModel) -> None:
     enc = encode_text(lm.tokenizer, "The court held that the clause was void.", 512)
     assert enc.n_counted == len(enc.ids) and all(enc.response)

@@ -370,9 +370,9 @@ def test_sweep__rescores_every_setting_without_training_and_agrees_with_the_repo
     report = run_validation(load_validate_recipe(recipe), out, compare=True, sweep=True).report
     sweep = report["sweep"]
     rows = {(r["setting"], r["scorer"]): r for r in sweep["rows"]}
-    assert {f"top_k={k}" for k in TOP_K if k != 8} | {"recipe", "demos=1", "demos=4", "score=icl"} == {
-        s for s, _ in rows
-    }
+    expected = {f"top_k={k}" for k in TOP_K if k != 8}
+    expected |= {"recipe", "demos=1", "demos=4", "score=icl", "tokens=response"}
+    assert {s for s, _ in rows} == expected
     assert ("score=icl", "icl") in rows and ("recipe", "similarity") in rows
     pooled = report["correlations"][sweep["metric"]]["pooled"]["scores"]
     for scorer in ("act", "similarity", "random"):  # the recipe's own setting is the main report's numbers
