@@ -160,10 +160,10 @@ def score_recipe(recipe: Recipe, timings: Timings | None = None) -> tuple[Scores
             variants["raw_icl"] = sts.domain_score(icl.shift.resid, icl.shift.n_tokens, raw_dims, "icl")
         variants["similarity"] = sts.centered_similarity(sts.mean_residual(stats), target_mean, grand)
         variants["random"] = sts.random_control(stats, k)
-        per_example, tokens = scorer_examples(variant, stats, icl, latents, raw_dims, target_mean, grand)
+        scored = variant if variant != "icl" or "icl" in variants else "act"  # the target has no ICL pass of its own
+        per_example, tokens = scorer_examples(scored, stats, icl, latents, raw_dims, target_mean, grand)
         stderr, interval = sts.bootstrap(per_example, tokens, recipe.sts.bootstrap, sts.name_seed(recipe.seed, name))
         mean_all, mean_response = mean_tokens(sample.examples)
-        scored = variant if variant != "icl" or "icl" in variants else "act"  # the target has no ICL pass of its own
         return DomainScore(
             name=name,
             sts=variants[SCORER_KEYS.get(scored, scored)],
@@ -217,17 +217,17 @@ def scorer_examples(
     grand: torch.Tensor,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(per-example scores, token counts) whose token-weighted mean is the scorer's value: the solver's
-    bootstrap and the score's interval resample them. The target (no ICL pass) scores `icl` as `act`."""
+    bootstrap and the score's interval resample them. `icl` needs the domain's ICL pass."""
+    tokens = stats.example_tokens
     if scorer == "similarity":
-        return sts.similarity_example_scores(stats, target_mean, grand), stats.example_tokens.numpy()
-    if scorer == "icl" and icl is not None and icl.shift is not None:
-        return sts.example_scores(icl.shift.latents, icl.shift.example_tokens, latents, "icl"), (
-            icl.shift.example_tokens.numpy()
-        )
+        return sts.similarity_example_scores(stats, target_mean, grand), tokens.numpy()
+    if scorer == "icl":
+        assert icl is not None and icl.shift is not None
+        shift = icl.shift
+        return sts.example_scores(shift.latents, shift.example_tokens, latents, "icl"), shift.example_tokens.numpy()
     if scorer == "raw":
-        return sts.example_scores(stats.resid, stats.example_tokens, raw_dims, "act"), stats.example_tokens.numpy()
-    variant = "act" if scorer == "icl" else scorer
-    return sts.example_scores(stats.latents, stats.example_tokens, latents, variant), stats.example_tokens.numpy()
+        return sts.example_scores(stats.resid, tokens, raw_dims, "act"), tokens.numpy()
+    return sts.example_scores(stats.latents, tokens, latents, scorer), tokens.numpy()
 
 
 def _zero_like(stats: SourceStats) -> tuple[Any, Any]:

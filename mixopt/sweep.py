@@ -58,15 +58,22 @@ def with_setting(recipe: ValidateRecipe, setting: Setting) -> ValidateRecipe:
     return recipe.model_copy(update={"sts": recipe.sts.model_copy(update=setting.sts), "sources": sources})
 
 
-def run_sweep(recipe: ValidateRecipe, out: Path, cells: Any, metric: str) -> dict[str, Any]:
+def run_sweep(
+    recipe: ValidateRecipe, out: Path, cells: Any, metric: str, recipe_matrix: dict[str, np.ndarray]
+) -> dict[str, Any]:
     """{metric, rows: [{setting, scorer, pooled, within}]}: each row's correlations with |change| and
-    change of `metric`, pooled over the cells and standardised within each source (validate.correlations)."""
+    change of `metric`, pooled over the cells and standardised within each source (validate.correlations).
+    `recipe_matrix`: the run's own score matrix, which is the `recipe` setting's (not scored again)."""
     from mixopt.validate import correlations, score_matrix, score_sources
 
     rows = []
     for setting in settings(recipe):
-        scores = score_sources(with_setting(recipe, setting), out, cells.domains, out / "sweep" / setting.name)
-        matrix = {k: v for k, v in score_matrix(scores, cells.sources, cells.domains).items() if k in setting.scorers}
+        if setting.name == "recipe":
+            matrix = recipe_matrix
+        else:
+            scores = score_sources(with_setting(recipe, setting), out, cells.domains, out / "sweep" / setting.name)
+            matrix = score_matrix(scores, cells.sources, cells.domains)
+        matrix = {k: v for k, v in matrix.items() if k in setting.scorers}
         result = correlations(cells, matrix, recipe.evaluation.bootstrap, recipe.seed)[metric]
         for scorer in matrix:
             rows.append(
@@ -81,12 +88,14 @@ def run_sweep(recipe: ValidateRecipe, out: Path, cells: Any, metric: str) -> dic
 
 
 def best_row(sweep: dict[str, Any]) -> dict[str, Any]:
-    """The row whose scores track |change| best within sources (sources' scales differ, DESIGN.md 7)."""
-    return max(sweep["rows"], key=lambda r: np.nan_to_num(_value(r["within"]["abs"]["spearman"]["r"]), nan=-np.inf))
+    """The row whose scores track |change| best within sources (sources' scales differ, DESIGN.md 7);
+    a correlation that could not be computed (None once read back from JSON, or NaN) ranks last."""
 
+    def within_r(row: dict[str, Any]) -> float:
+        r = row["within"]["abs"]["spearman"]["r"]
+        return r if r is not None and np.isfinite(r) else -np.inf
 
-def _value(r: float | None) -> float:
-    return np.nan if r is None else float(r)
+    return max(sweep["rows"], key=within_r)
 
 
 def sweep_table(sweep: dict[str, Any]) -> str:

@@ -327,18 +327,21 @@ def test_validate__end_to_end_writes_correlations_plots_and_the_comparison(valid
     assert not list((out / "finetune").glob("*/checkpoint.pt"))  # dropped once measured
 
 
-def test_validate__rerun_reuses_finished_fine_tunes(
-    validated: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.fixture
+def trains_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any fine-tune started under this fixture fails the test."""
     import mixopt.finetune
+
+    def no_training(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a fine-tune ran")
+
+    monkeypatch.setattr(mixopt.finetune, "finetune", no_training)
+
+
+def test_validate__rerun_reuses_finished_fine_tunes(validated: tuple[Path, Path], trains_nothing: None) -> None:
     from mixopt.validate import run_validation
 
     recipe, out = validated
-
-    def no_training(*args: object, **kwargs: object) -> None:
-        raise AssertionError("a finished fine-tune ran again")
-
-    monkeypatch.setattr(mixopt.finetune, "finetune", no_training)
     before = json.loads((out / "validation.json").read_text())
     again = run_validation(load_validate_recipe(recipe), out, compare=True)
     for metric, change in before["cells"][0]["change"].items():
@@ -355,18 +358,12 @@ def test_cli__validate_command_prints_the_report(validated: tuple[Path, Path]) -
 
 
 def test_sweep__rescores_every_setting_without_training_and_agrees_with_the_report(
-    validated: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+    validated: tuple[Path, Path], trains_nothing: None
 ) -> None:
-    import mixopt.finetune
     from mixopt.sweep import TOP_K, sweep_table
     from mixopt.validate import run_validation
 
     recipe, out = validated
-
-    def no_training(*args: object, **kwargs: object) -> None:
-        raise AssertionError("the sweep trained")
-
-    monkeypatch.setattr(mixopt.finetune, "finetune", no_training)
     report = run_validation(load_validate_recipe(recipe), out, compare=True, sweep=True).report
     sweep = report["sweep"]
     rows = {(r["setting"], r["scorer"]): r for r in sweep["rows"]}
