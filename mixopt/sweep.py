@@ -61,12 +61,15 @@ def with_setting(recipe: ValidateRecipe, setting: Setting) -> ValidateRecipe:
 def run_sweep(
     recipe: ValidateRecipe, out: Path, cells: Any, metric: str, recipe_matrix: dict[str, np.ndarray]
 ) -> dict[str, Any]:
-    """{metric, rows: [{setting, scorer, pooled, within}]}: each row's correlations with |change| and
-    change of `metric`, pooled over the cells and standardised within each source (validate.correlations).
+    """{metric, reference, rows: [{setting, scorer, pooled, within, versus_reference}]}: each row's
+    correlations with |change| and change of `metric`, pooled over the cells and standardised within each
+    source (validate.correlations), and its within-source |change| Spearman minus the reference's (the
+    recipe's own scorer) with a paired 95% interval: both sides on the same resamples of domains, so a
+    setting only beats the default when that interval excludes 0.
     `recipe_matrix`: the run's own score matrix, which is the `recipe` setting's (not scored again)."""
     from mixopt.validate import correlations, score_matrix, score_sources
 
-    rows = []
+    rows, draws = [], []
     for setting in settings(recipe):
         if setting.name == "recipe":
             matrix = recipe_matrix
@@ -75,7 +78,7 @@ def run_sweep(
             matrix = score_matrix(scores, cells.sources, cells.domains)
         matrix = {k: v for k, v in matrix.items() if k in setting.scorers}
         result = correlations(cells, matrix, recipe.evaluation.bootstrap, recipe.seed)[metric]
-        for scorer in matrix:
+        for scorer, values in matrix.items():
             rows.append(
                 {
                     "setting": setting.name,
@@ -84,7 +87,31 @@ def run_sweep(
                     "within": result["within"]["scores"][scorer],
                 }
             )
-    return {"metric": metric, "rows": rows}
+            draws.append(within_abs_spearman_draws(cells, values, metric, recipe.evaluation.bootstrap, recipe.seed))
+    reference = next(i for i, r in enumerate(rows) if r["setting"] == "recipe" and r["scorer"] == recipe.sts.score)
+    for row, row_draws in zip(rows, draws, strict=True):
+        row["versus_reference"] = paired_difference(row, rows[reference], row_draws, draws[reference])
+    return {"metric": metric, "reference": recipe.sts.score, "rows": rows}
+
+
+def within_abs_spearman_draws(cells: Any, values: np.ndarray, metric: str, n_boot: int, seed: int) -> np.ndarray:
+    """(n_boot,) within-source Spearman of the scores with |change| on the resamples `correlations` uses."""
+    from mixopt import evaluate as ev
+    from mixopt.validate import _resampled, _zscored
+
+    n_src, n_dom = len(cells.sources), len(cells.domains)
+    idx = ev.bootstrap_indices(np.tile(np.arange(n_dom), n_src), n_boot, seed)
+    target = _zscored(np.abs(cells.delta[metric])).ravel()
+    return ev.spearman_rows(_resampled(_zscored(values).ravel(), idx), _resampled(target, idx))
+
+
+def paired_difference(
+    row: dict[str, Any], reference: dict[str, Any], draws: np.ndarray, reference_draws: np.ndarray
+) -> dict[str, Any]:
+    from mixopt import evaluate as ev
+
+    r, r0 = row["within"]["abs"]["spearman"]["r"], reference["within"]["abs"]["spearman"]["r"]
+    return {"difference": r - r0, "ci": ev.percentile_interval(draws - reference_draws)}
 
 
 def best_row(sweep: dict[str, Any]) -> dict[str, Any]:
@@ -101,17 +128,33 @@ def best_row(sweep: dict[str, Any]) -> dict[str, Any]:
 def sweep_table(sweep: dict[str, Any]) -> str:
     from mixopt.validate import _rci
 
+    reference = sweep.get("reference", "act")
     lines = [
-        f"sweep: every setting against the change in {sweep['metric']} (95% intervals resample domains)",
-        f"{'setting':<12} {'scorer':<11} {'|change| Pearson':>22} {'|change| Spearman':>22} "
-        f"{'within |change| Spearman':>24} {'change Pearson':>22}",
+        f"sweep: every setting against the change in {sweep['metric']} (95% intervals resample domains; "
+        f"the last column is paired, against the recipe's {reference})",
+        f"{'setting':<15} {'scorer':<11} {'|change| Pearson':>20} {'|change| Spearman':>20} "
+        f"{'within |change| Spearman':>24} {'change Pearson':>20} {'within minus ' + reference:>22}",
     ]
     for r in sweep["rows"]:
         p, w = r["pooled"], r["within"]
+        versus = r.get("versus_reference", {"difference": None, "ci": [None, None]})
         lines.append(
-            f"{r['setting']:<12} {r['scorer']:<11} {_rci(p['abs']['pearson']):>22} {_rci(p['abs']['spearman']):>22} "
-            f"{_rci(w['abs']['spearman']):>24} {_rci(p['signed']['pearson']):>22}"
+            f"{r['setting']:<15} {r['scorer']:<11} {_rci(p['abs']['pearson']):>20} {_rci(p['abs']['spearman']):>20} "
+            f"{_rci(w['abs']['spearman']):>24} {_rci(p['signed']['pearson']):>20} "
+            f"{_rci({'r': versus['difference'], 'ci': versus['ci']}):>22}"
         )
     best = best_row(sweep)
-    lines.append(f"best within-source forecaster of |change|: {best['scorer']} at {best['setting']}")
+    lines.append(f"best within-source forecaster of |change|: {best['scorer']} at {best['setting']}; {_beats(best)}")
     return "\n".join(lines)
+
+
+def _beats(row: dict[str, Any]) -> str:
+    """Whether a row's edge over the recipe's scorer is more than resampling noise (paired interval)."""
+    lo, hi = row.get("versus_reference", {}).get("ci", [None, None])
+    if lo is None or hi is None or not (np.isfinite(lo) and np.isfinite(hi)):
+        return "no paired interval"
+    if lo > 0:
+        return "better than the recipe's scorer beyond resampling noise"
+    if lo == hi == 0:
+        return "identical to the recipe's scorer on every resample"
+    return "not distinguishable from the recipe's scorer (the paired interval includes 0)"

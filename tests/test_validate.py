@@ -376,6 +376,11 @@ def test_sweep__rescores_every_setting_without_training_and_agrees_with_the_repo
         assert rows["recipe", scorer]["pooled"]["abs"]["pearson"]["r"] == pytest.approx(
             pooled[scorer]["abs"]["pearson"]["r"], nan_ok=True
         )
+    reference = rows["recipe", sweep["reference"]]["within"]["abs"]["spearman"]["r"]
+    for row in rows.values():  # each row against the recipe's scorer, paired on the same resamples
+        r = row["within"]["abs"]["spearman"]["r"]
+        assert row["versus_reference"]["difference"] == pytest.approx(r - reference, nan_ok=True)
+    assert rows["recipe", sweep["reference"]]["versus_reference"]["ci"] == [0.0, 0.0]
     k = json.loads((out / "sweep" / "top_k=30" / "math.json").read_text())["top_k"]
     assert k == 30  # the tiny SAE has 64 latents: k=30 is a real setting, k=100+ saturate at 64
     assert "best within-source forecaster" in sweep_table(sweep)
