@@ -148,7 +148,7 @@ def finetune(
             result.tokens += tokens
             result.losses.append(round(loss, 5))
             result.seconds += time.perf_counter() - started
-            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{result.tokens / max(result.seconds, 1e-9):.0f}")
+            bar.set_postfix(loss=f"{loss:.3f}", response_tok_s=f"{result.tokens / max(result.seconds, 1e-9):.0f}")
             bar.update(1)
             if result.steps % schedule.checkpoint_every == 0 or result.steps == stop:
                 _save(
