@@ -87,11 +87,51 @@ def parse_answer(value: str, n_choices: int) -> int:
 
 @dataclass(frozen=True)
 class Query:
-    """One forward's worth of reading: the log-probs of `targets[i]` as the token after `positions[i]`."""
+    """One forward's worth of reading: the log-probs of `targets[i]` as the token after `positions[i]`.
+
+    A query may hold two branches (`branched`): tokens from `branch_start` on continue the first `shared`
+    tokens, so they see that prefix and their own branch only, at the positions they would have alone.
+    """
 
     ids: list[int]
-    positions: list[int]  # ascending
-    targets: list[list[int]]  # the same number of candidate ids at every position
+    positions: list[int]
+    targets: list[list[int]]  # the candidate ids read at each position
+    branch_start: int | None = None
+    shared: int = 0
+
+    def position_ids(self) -> list[int]:
+        if self.branch_start is None:
+            return list(range(len(self.ids)))
+        return [*range(self.branch_start), *range(self.shared, self.shared + len(self.ids) - self.branch_start)]
+
+    def visible(self, width: int) -> torch.Tensor:
+        """(width, width) bool: may token i attend to token j; padding rows see only themselves."""
+        t = torch.arange(width)
+        i, j = t[:, None], t[None, :]
+        real = t < len(self.ids)
+        allowed = (j <= i) & real[:, None] & real[None, :]
+        if self.branch_start is not None:
+            in_branch = t >= self.branch_start
+            allowed &= ~(in_branch[:, None] & ~in_branch[None, :] & (j >= self.shared))
+        return allowed | torch.eye(width, dtype=torch.bool)
+
+
+def branched(first: Query, second: Query) -> Query:
+    """`first` and `second` in one forward: `second`'s tokens after the prefix they share are appended as a
+    branch that sees that prefix only (tree attention). The prompt is run once instead of twice, and every
+    read log-prob equals the one its own query would give."""
+    shared = 0
+    while shared < min(len(first.ids), len(second.ids)) and first.ids[shared] == second.ids[shared]:
+        shared += 1
+    start = len(first.ids)
+    moved = [p if p < shared else start + p - shared for p in second.positions]
+    return Query(
+        first.ids + second.ids[shared:],
+        first.positions + moved,
+        first.targets + second.targets,
+        branch_start=start,
+        shared=shared,
+    )
 
 
 def reply_query(tokenizer: object, prompt: str, reply: str, max_length: int) -> Query | None:
@@ -123,28 +163,40 @@ def letter_query(tokenizer: object, prompt: str, n_choices: int, max_length: int
 
 
 @torch.inference_mode()
-def next_token_logprobs(lm: LoadedModel, queries: Sequence[Query], batch_tokens: int, desc: str) -> list[np.ndarray]:
-    """For each query, (positions, candidates) log-probs of its candidate ids as the next token.
+def next_token_logprobs(
+    lm: LoadedModel, queries: Sequence[Query], batch_tokens: int, desc: str
+) -> list[list[np.ndarray]]:
+    """For each query, for each read position, the log-probs of its candidate ids as the next token.
 
     Only the read positions go through the LM head (`logits_to_keep` as a boolean mask, transformers >= 5):
-    a 49k-token vocabulary at every position would cost more memory than the model itself.
+    a 49k-token vocabulary at every position would cost more memory than the model itself. The attention
+    mask is explicit (additive, 4D) so that branched queries share their prompt.
     """
-    out: list[np.ndarray] = [np.empty(0)] * len(queries)
+    out: list[list[np.ndarray]] = [[] for _ in queries]
     with tqdm(total=sum(len(q.ids) for q in queries), unit="tok", unit_scale=True, desc=desc, leave=False) as bar:
         for batch in length_batches([len(q.ids) for q in queries], batch_tokens):
             rows = [queries[i] for i in batch]
-            ids, attention = pad_right([q.ids for q in rows], lm.tokenizer.pad_token_id or 0, lm.device)
+            ids, _ = pad_right([q.ids for q in rows], lm.tokenizer.pad_token_id or 0, lm.device)
+            width = ids.shape[1]
+            positions, _ = pad_right([q.position_ids() for q in rows], 0, lm.device)
+            visible = torch.stack([q.visible(width) for q in rows])[:, None].to(lm.device)
+            mask = torch.zeros(visible.shape, dtype=lm.dtype, device=lm.device)
+            mask.masked_fill_(~visible, torch.finfo(lm.dtype).min)
+            kept = [sorted(set(q.positions)) for q in rows]
             keep = torch.zeros_like(ids, dtype=torch.bool)
-            for b, q in enumerate(rows):
-                keep[b, q.positions] = True
-            logits = lm.model(input_ids=ids, attention_mask=attention, logits_to_keep=keep, use_cache=False).logits
+            for b, where in enumerate(kept):
+                keep[b, where] = True
+            logits = lm.model(
+                input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep, use_cache=False
+            ).logits
             logprobs = logits.reshape(-1, logits.shape[-1]).float().log_softmax(-1)  # (kept positions, vocab)
             start = 0  # boolean indexing keeps row-major order: row by row, positions ascending
-            for i, q in zip(batch, rows, strict=True):
-                block = logprobs[start : start + len(q.positions)]
-                targets = torch.tensor(q.targets, device=block.device)
-                out[i] = block.gather(1, targets).cpu().numpy()  # (positions, candidates)
-                start += len(q.positions)
+            for i, q, where in zip(batch, rows, kept, strict=True):
+                row_of = {p: start + n for n, p in enumerate(where)}
+                read = torch.tensor([row_of[p] for p, t in zip(q.positions, q.targets, strict=True) for _ in t])
+                values = logprobs[read, torch.tensor([c for t in q.targets for c in t])].cpu().numpy()
+                out[i] = np.split(values, np.cumsum([len(t) for t in q.targets])[:-1])
+                start += len(where)
             bar.update(sum(len(q.ids) for q in rows))
     return out
 
@@ -152,9 +204,9 @@ def next_token_logprobs(lm: LoadedModel, queries: Sequence[Query], batch_tokens:
 # ---------------------------------------------------------------------------------------- metrics
 
 
-def reply_nll(logprobs: np.ndarray) -> float:
-    """Mean negative log-likelihood per reply token; `logprobs` is (reply tokens, 1)."""
-    return float(-logprobs[:, 0].mean())
+def reply_nll(reads: Sequence[np.ndarray]) -> float:
+    """Mean negative log-likelihood per reply token; `reads` holds one (1,) array per reply token."""
+    return float(-np.concatenate(reads).mean())
 
 
 def letter_metrics(letter_logprobs: np.ndarray, answer: int) -> dict[str, float]:
@@ -170,21 +222,22 @@ def letter_metrics(letter_logprobs: np.ndarray, answer: int) -> dict[str, float]
 def score_items(
     lm: LoadedModel, items: Sequence[MCQItem], max_length: int, batch_tokens: int, desc: str = "evaluate"
 ) -> dict[str, np.ndarray]:
-    """Every metric for every item, (items,) each; NaN for an item longer than `max_length` tokens."""
+    """Every metric for every item, (items,) each; NaN for an item longer than `max_length` tokens.
+    The answer-text and letter queries share their prompt, so they run as one branched forward."""
     answer, cloze, letters = [], [], []
     for item in items:
         answer.append(reply_query(lm.tokenizer, item.prompt, item.answer_text, max_length))
         cloze.append(reply_query(lm.tokenizer, item.question, item.answer_text, max_length))
         letters.append(letter_query(lm.tokenizer, item.prompt, len(item.choices), max_length))
     usable = [i for i in range(len(items)) if answer[i] and cloze[i] and letters[i]]
-    queries = [q for i in usable for q in (answer[i], cloze[i], letters[i])]
-    logprobs = next_token_logprobs(lm, queries, batch_tokens, desc)  # type: ignore[arg-type]
+    queries = [q for i in usable for q in (branched(answer[i], letters[i]), cloze[i])]  # type: ignore[arg-type]
+    logprobs = next_token_logprobs(lm, queries, batch_tokens, desc)
     values = {m: np.full(len(items), np.nan) for m in METRICS}
     for n, i in enumerate(usable):
-        a, c, letter = logprobs[3 * n : 3 * n + 3]
-        values["answer_nll"][i] = reply_nll(a)
-        values["cloze_nll"][i] = reply_nll(c)
-        for name, value in letter_metrics(letter[0], items[i].answer).items():
+        (*answer_reads, letter), cloze_reads = logprobs[2 * n], logprobs[2 * n + 1]
+        values["answer_nll"][i] = reply_nll(answer_reads)
+        values["cloze_nll"][i] = reply_nll(cloze_reads)
+        for name, value in letter_metrics(letter, items[i].answer).items():
             values[name][i] = value
     return values
 
@@ -197,8 +250,8 @@ def score_replies(
     usable = [i for i, q in enumerate(queries) if q is not None]
     logprobs = next_token_logprobs(lm, [queries[i] for i in usable], batch_tokens, desc)  # type: ignore[misc]
     values = np.full(len(pairs), np.nan)
-    for i, lp in zip(usable, logprobs, strict=True):
-        values[i] = reply_nll(lp)
+    for i, reads in zip(usable, logprobs, strict=True):
+        values[i] = reply_nll(reads)
     return values
 
 

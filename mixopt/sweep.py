@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from mixopt import evaluate as ev
 from mixopt.recipe import ValidateRecipe
 
 TOP_K = (10, 30, 100, 300, 1000)
@@ -67,51 +68,43 @@ def run_sweep(
     recipe's own scorer) with a paired 95% interval: both sides on the same resamples of domains, so a
     setting only beats the default when that interval excludes 0.
     `recipe_matrix`: the run's own score matrix, which is the `recipe` setting's (not scored again)."""
-    from mixopt.validate import correlations, score_matrix, score_sources
+    from mixopt.validate import correlations, score_matrix, score_sources, write_json
 
-    rows, draws = [], []
-    for setting in settings(recipe):
+    n_boot, seed = recipe.evaluation.bootstrap, recipe.seed
+    sweep: dict[str, Any] = {"metric": metric, "reference": recipe.sts.score, "rows": []}
+    reference: tuple[float, np.ndarray] | None = None  # the recipe scorer's within-source r and its draws
+    for setting in settings(recipe):  # the recipe's own setting comes first: it holds the reference
         if setting.name == "recipe":
             matrix = recipe_matrix
         else:
             scores = score_sources(with_setting(recipe, setting), out, cells.domains, out / "sweep" / setting.name)
             matrix = score_matrix(scores, cells.sources, cells.domains)
         matrix = {k: v for k, v in matrix.items() if k in setting.scorers}
-        result = correlations(cells, matrix, recipe.evaluation.bootstrap, recipe.seed)[metric]
+        result = correlations(cells, matrix, n_boot, seed)[metric]
+        within = result["within"]["scores"]
+        if setting.name == "recipe" and recipe.sts.score in matrix:
+            r0 = within[recipe.sts.score]["abs"]["spearman"]["r"]
+            reference = (r0, within_abs_spearman_draws(cells, matrix[recipe.sts.score], metric, n_boot, seed))
         for scorer, values in matrix.items():
-            rows.append(
-                {
-                    "setting": setting.name,
-                    "scorer": scorer,
-                    "pooled": result["pooled"]["scores"][scorer],
-                    "within": result["within"]["scores"][scorer],
-                }
-            )
-            draws.append(within_abs_spearman_draws(cells, values, metric, recipe.evaluation.bootstrap, recipe.seed))
-    reference = next(i for i, r in enumerate(rows) if r["setting"] == "recipe" and r["scorer"] == recipe.sts.score)
-    for row, row_draws in zip(rows, draws, strict=True):
-        row["versus_reference"] = paired_difference(row, rows[reference], row_draws, draws[reference])
-    return {"metric": metric, "reference": recipe.sts.score, "rows": rows}
+            row = {"setting": setting.name, "scorer": scorer, "pooled": result["pooled"]["scores"][scorer]}
+            row["within"] = within[scorer]
+            if reference is not None:
+                draws = within_abs_spearman_draws(cells, values, metric, n_boot, seed)
+                difference = within[scorer]["abs"]["spearman"]["r"] - reference[0]
+                row["versus_reference"] = {"difference": difference, "ci": ev.percentile_interval(draws - reference[1])}
+            sweep["rows"].append(row)
+        write_json(out / "sweep" / "sweep.json", sweep)  # the settings so far, should the sweep be stopped
+    return sweep
 
 
 def within_abs_spearman_draws(cells: Any, values: np.ndarray, metric: str, n_boot: int, seed: int) -> np.ndarray:
     """(n_boot,) within-source Spearman of the scores with |change| on the resamples `correlations` uses."""
-    from mixopt import evaluate as ev
     from mixopt.validate import _resampled, _zscored
 
     n_src, n_dom = len(cells.sources), len(cells.domains)
     idx = ev.bootstrap_indices(np.tile(np.arange(n_dom), n_src), n_boot, seed)
     target = _zscored(np.abs(cells.delta[metric])).ravel()
     return ev.spearman_rows(_resampled(_zscored(values).ravel(), idx), _resampled(target, idx))
-
-
-def paired_difference(
-    row: dict[str, Any], reference: dict[str, Any], draws: np.ndarray, reference_draws: np.ndarray
-) -> dict[str, Any]:
-    from mixopt import evaluate as ev
-
-    r, r0 = row["within"]["abs"]["spearman"]["r"], reference["within"]["abs"]["spearman"]["r"]
-    return {"difference": r - r0, "ci": ev.percentile_interval(draws - reference_draws)}
 
 
 def best_row(sweep: dict[str, Any]) -> dict[str, Any]:

@@ -1015,6 +1015,12 @@ def write_report(out: Path, report: dict[str, Any], matrix: dict[str, np.ndarray
     plot_correlations(report, out / "plots" / "correlations.png")
     if report.get("compare"):
         plot_compare(report["compare"], out / "plots" / "compare.png")
-    tmp = out / ".validation.json.tmp"
-    tmp.write_text(json.dumps(_finite(report), indent=1) + "\n")
-    os.replace(tmp, out / "validation.json")
+    write_json(out / "validation.json", report)
+
+
+def write_json(path: Path, record: dict[str, Any]) -> None:
+    """Strict JSON (NaN as null), written atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(_finite(record), indent=1) + "\n")
+    os.replace(tmp, path)

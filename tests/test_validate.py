@@ -165,7 +165,7 @@ def test_validate__no_evaluation_item_leaks_into_scoring_or_training(validated: 
 
 
 class FixedLogits(torch.nn.Module):
-    """A stand-in LM whose logits depend only on the position: logits[t] = table[t]."""
+    """A stand-in LM whose logits depend only on the position: logits[t] = table[position t]."""
 
     def __init__(self, table: torch.Tensor):
         super().__init__()
@@ -175,11 +175,11 @@ class FixedLogits(torch.nn.Module):
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
         logits_to_keep: torch.Tensor,
         use_cache: bool = False,
     ) -> object:
-        logits = self.table[: input_ids.shape[1]].expand(input_ids.shape[0], -1, -1)
-        return type("Out", (), {"logits": logits[logits_to_keep]})()
+        return type("Out", (), {"logits": self.table[position_ids][logits_to_keep]})()
 
 
 def test_metrics__equal_a_hand_computation_on_fixed_logits() -> None:
@@ -212,6 +212,31 @@ def test_metrics__equal_a_hand_computation_on_fixed_logits() -> None:
     }
     for metric, value in expected.items():
         assert got[metric][0] == pytest.approx(value, rel=1e-5), metric
+
+
+def test_branched_query__reads_what_each_query_reads_alone() -> None:
+    """The answer-text and letter queries share the prompt and run as one forward; on a real (tiny) Llama
+    every log-prob must equal the one from its own forward (mask and positions both right)."""
+    from mixopt.model import LoadedModel
+
+    tok = tiny_tokenizer()
+    lm = LoadedModel(tiny_llama(len(tok)), tok, "tiny", "tiny", torch.device("cpu"), torch.float32)
+    items = [
+        MCQItem("Which compound boils first?", ("water", "salt water", "oil", "sand"), 2),
+        MCQItem("Pick the largest planet of the solar system, please.", ("Mars", "Jupiter", "Venus", "Earth"), 1),
+    ]
+    alone, both = [], []
+    for item in items:
+        answer = ev.reply_query(tok, item.prompt, item.answer_text, 400)
+        letters = ev.letter_query(tok, item.prompt, 4, 400)
+        alone += [answer, letters]
+        both.append(ev.branched(answer, letters))
+        assert len(both[-1].ids) < len(answer.ids) + len(letters.ids)  # the prompt really is shared
+    separate = ev.next_token_logprobs(lm, alone, batch_tokens=4096, desc="alone")
+    together = ev.next_token_logprobs(lm, both, batch_tokens=4096, desc="branched")  # one padded batch
+    for n in range(len(items)):
+        expected = np.concatenate(separate[2 * n] + separate[2 * n + 1])
+        assert np.concatenate(together[n]) == pytest.approx(expected, abs=1e-5)
 
 
 def test_letter_metrics__on_a_toy_distribution() -> None:
@@ -381,6 +406,8 @@ def test_sweep__rescores_every_setting_without_training_and_agrees_with_the_repo
         r = row["within"]["abs"]["spearman"]["r"]
         assert row["versus_reference"]["difference"] == pytest.approx(r - reference, nan_ok=True)
     assert rows["recipe", sweep["reference"]]["versus_reference"]["ci"] == [0.0, 0.0]
+    saved = json.loads((out / "sweep" / "sweep.json").read_text())  # kept setting by setting
+    assert [(r["setting"], r["scorer"]) for r in saved["rows"]] == [(r["setting"], r["scorer"]) for r in sweep["rows"]]
     k = json.loads((out / "sweep" / "top_k=30" / "math.json").read_text())["top_k"]
     assert k == 30  # the tiny SAE has 64 latents: k=30 is a real setting, k=100+ saturate at 64
     assert "best within-source forecaster" in sweep_table(sweep)
