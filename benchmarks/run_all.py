@@ -1,4 +1,4 @@
-"""Run every benchmark and print one summary table: what `make bench` runs (~10-13 min on 2 cores).
+"""Run every benchmark and print one summary table: what `make bench` runs (~15-20 min on 2 cores).
 
     python benchmarks/run_all.py [--quick]
 
@@ -23,6 +23,7 @@ SCRIPTS: dict[str, tuple[list[str], list[str]]] = {
     "bench_extract.py": ([], ["--quick"]),
     "bench_mixture.py": ([], ["--rows", "100000"]),
     "bench_solver.py": ([], ["--sizes", "10", "100", "1000", "--repeats", "1"]),
+    "bench_evaluate.py": ([], ["--items", "16"]),
 }
 
 
