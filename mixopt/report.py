@@ -122,7 +122,9 @@ A fine-tuning mixture of {total:,} rows: the target data `{target_name}` ({count
 plus replay rows from the domains it is forecast to move most, so that the fine-tune keeps them.
 Each domain's STS (SAE Transferability Score) forecasts how strongly training on the target moves it;
 the solver gives more replay to the domains most exposed. The numbers behind this run are in
-`manifest.json`.
+`manifest.json`. The forecast is a hypothesis until checked on your model and data (`mixopt validate`):
+on the embedded SmolLM2-135M, no score, STS included, ranked domains by how far real fine-tunes moved
+them (mixopt's docs/validation.md).
 
 ![STS per domain, with the raw-activation baseline](plots/sts.png)
 
