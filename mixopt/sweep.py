@@ -16,6 +16,7 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,7 @@ def run_sweep(
     n_boot, seed = recipe.evaluation.bootstrap, recipe.seed
     sweep: dict[str, Any] = {"metric": metric, "reference": recipe.sts.score, "rows": []}
     reference: tuple[float, np.ndarray] | None = None  # the recipe scorer's within-source r and its draws
+    draws_of = within_abs_spearman_draws(cells, metric, n_boot, seed)
     for setting in settings(recipe):  # the recipe's own setting comes first: it holds the reference
         if setting.name == "recipe":
             matrix = recipe_matrix
@@ -84,12 +86,12 @@ def run_sweep(
         within = result["within"]["scores"]
         if setting.name == "recipe" and recipe.sts.score in matrix:
             r0 = within[recipe.sts.score]["abs"]["spearman"]["r"]
-            reference = (r0, within_abs_spearman_draws(cells, matrix[recipe.sts.score], metric, n_boot, seed))
+            reference = (r0, draws_of(matrix[recipe.sts.score]))
         for scorer, values in matrix.items():
             row = {"setting": setting.name, "scorer": scorer, "pooled": result["pooled"]["scores"][scorer]}
             row["within"] = within[scorer]
             if reference is not None:
-                draws = within_abs_spearman_draws(cells, values, metric, n_boot, seed)
+                draws = draws_of(values)
                 difference = within[scorer]["abs"]["spearman"]["r"] - reference[0]
                 row["versus_reference"] = {"difference": difference, "ci": ev.percentile_interval(draws - reference[1])}
             sweep["rows"].append(row)
@@ -97,14 +99,15 @@ def run_sweep(
     return sweep
 
 
-def within_abs_spearman_draws(cells: Any, values: np.ndarray, metric: str, n_boot: int, seed: int) -> np.ndarray:
-    """(n_boot,) within-source Spearman of the scores with |change| on the resamples `correlations` uses."""
+def within_abs_spearman_draws(cells: Any, metric: str, n_boot: int, seed: int) -> Callable[[np.ndarray], np.ndarray]:
+    """scores -> (n_boot,) within-source Spearman with |change| on the resamples `correlations` draws
+    (same seed and clusters); the resamples and the resampled target are built once for the whole sweep."""
     from mixopt.validate import _resampled, _zscored
 
     n_src, n_dom = len(cells.sources), len(cells.domains)
     idx = ev.bootstrap_indices(np.tile(np.arange(n_dom), n_src), n_boot, seed)
-    target = _zscored(np.abs(cells.delta[metric])).ravel()
-    return ev.spearman_rows(_resampled(_zscored(values).ravel(), idx), _resampled(target, idx))
+    target = _resampled(_zscored(np.abs(cells.delta[metric])).ravel(), idx)
+    return lambda values: ev.spearman_rows(_resampled(_zscored(values).ravel(), idx), target)
 
 
 def best_row(sweep: dict[str, Any]) -> dict[str, Any]:
