@@ -531,26 +531,77 @@ def mixture_runs(recipe: ValidateRecipe, target: SourceData, domains: Sequence[D
     return runs
 
 
+def paired_mean_draws(groups: Sequence[np.ndarray], n_boot: int, seed: int) -> np.ndarray:
+    """groups[j]: (runs, items_j) per-item values -> (n_boot, runs, groups) means over items resampled
+    within each group. Every run reads the same resample (they were measured on the same items), so a
+    difference between runs keeps only the noise that does not cancel."""
+    rng = np.random.default_rng(seed)
+    return np.stack([g[:, rng.integers(0, g.shape[1], size=(n_boot, g.shape[1]))].mean(-1).T for g in groups], axis=-1)
+
+
 def compare_summary(
-    cells: Cells, metric: str, base: dict[str, Any], after: dict[str, dict[str, Any]], target: str
+    cells: Cells,
+    metric: str,
+    base: dict[str, Any],
+    after: dict[str, dict[str, Any]],
+    target: str,
+    n_boot: int,
+    seed: int,
 ) -> dict[str, Any]:
     """Per run: each domain's change, the worst one (in the metric's bad direction), the mean, and the
-    target's own gain (reply NLL on its held-out rows, before minus after: positive is learning)."""
+    target's own gain (reply NLL on its held-out rows, before minus after: positive is learning), each with
+    a 95% interval over items; and every later run minus every earlier one, paired on the same items."""
     sign = 1.0 if ev.HIGHER_IS_BETTER[metric] else -1.0
+    names = cells.sources
+    # an item is measured or not by its length alone, so every run keeps the same items of a domain
+    per_domain = [
+        np.stack([cells.item_deltas[metric][i][j] for i in range(len(names))]) for j in range(len(cells.domains))
+    ]
     before_own = np.asarray(base["heldout"][target], dtype=float)
+    own = np.stack([before_own - np.asarray(after[run]["heldout"][target], dtype=float) for run in names])
+    domain_draws = paired_mean_draws(per_domain, n_boot, seed)  # (n_boot, runs, domains)
+    draws = {
+        "mean_change": np.nanmean(domain_draws, axis=-1),
+        "worst_change": sign * np.nanmin(sign * domain_draws, axis=-1),
+        "target_gain_nll": paired_mean_draws([own], n_boot, seed)[..., 0],
+    }  # statistic -> (n_boot, runs)
     runs = {}
-    for i, run in enumerate(cells.sources):
+    for i, run in enumerate(names):
         delta = cells.delta[metric][i]
         worst = int(np.nanargmin(sign * delta))
-        own = before_own - np.asarray(after[run]["heldout"][target], dtype=float)
+        point = {
+            "mean_change": float(np.nanmean(delta)),
+            "worst_change": float(delta[worst]),
+            "target_gain_nll": float(np.nanmean(own[i])),
+        }
         runs[run] = {
             "per_domain": dict(zip(cells.domains, delta.tolist(), strict=True)),
-            "worst": {"domain": cells.domains[worst], "change": float(delta[worst])},
-            "mean_change": float(np.nanmean(delta)),
-            "target_gain_nll": float(np.nanmean(own)),
+            "per_domain_stderr": dict(zip(cells.domains, cells.stderr[metric][i].tolist(), strict=True)),
+            "worst": {"domain": cells.domains[worst], "change": point["worst_change"]},
+            **{k: {"value": v, "ci": ev.percentile_interval(draws[k][:, i])} for k, v in point.items()},
             "mixture": after[run].get("mixture", {}),
         }
-    return {"metric": metric, "higher_is_better": ev.HIGHER_IS_BETTER[metric], "target": target, "runs": runs}
+    differences = [
+        {
+            "runs": [names[j], names[i]],
+            **{
+                k: {
+                    "difference": runs[names[j]][k]["value"] - runs[names[i]][k]["value"],
+                    "ci": ev.percentile_interval(draws[k][:, j] - draws[k][:, i]),
+                }
+                for k in draws
+            },
+        }
+        for i in range(len(names))
+        for j in range(i + 1, len(names))
+    ]
+    return {
+        "metric": metric,
+        "higher_is_better": ev.HIGHER_IS_BETTER[metric],
+        "target": target,
+        "runs": runs,
+        "differences": differences,
+    }
 
 
 # ---------------------------------------------------------------------------------------- report
@@ -671,26 +722,39 @@ def verdict(report: dict[str, Any], metric: str) -> str:
     return line
 
 
+def _vci(stat: dict[str, Any], key: str = "value") -> str:
+    lo, hi = stat["ci"]
+    return f"{stat[key]:+.4f} [{lo:+.4f},{hi:+.4f}]"
+
+
 def compare_table(summary: dict[str, Any]) -> str:
     runs = summary["runs"]
     direction = "higher is better" if summary["higher_is_better"] else "lower is better"
     names = list(runs)
+    width = 28
     lines = [
-        f"mixture comparison at the same budget: change in {summary['metric']} ({direction})",
-        f"{'domain':<34}" + "".join(f"{n:>24}" for n in names),
+        f"mixture comparison at the same budget: change in {summary['metric']} ({direction}); "
+        "95% intervals resample items",
+        f"{'domain':<34}" + "".join(f"{n:>{width}}" for n in names),
     ]
     for d in next(iter(runs.values()))["per_domain"]:
-        lines.append(f"{d:<34}" + "".join(f"{runs[n]['per_domain'][d]:>+24.4f}" for n in names))
-    lines.append(f"{'mean change':<34}" + "".join(f"{runs[n]['mean_change']:>+24.4f}" for n in names))
+        lines.append(f"{d:<34}" + "".join(f"{runs[n]['per_domain'][d]:>+{width}.4f}" for n in names))
     lines.append(
-        f"{'worst domain':<34}"
-        + "".join(
-            f"{runs[n]['worst']['domain'][:14] + ' ' + format(runs[n]['worst']['change'], '+.4f'):>24}" for n in names
+        f"{'worst domain':<34}" + "".join(f"{runs[n]['worst']['domain'][: width - 2]:>{width}}" for n in names)
+    )
+    rows = {
+        "mean_change": "mean change",
+        "worst_change": "worst domain's change",
+        "target_gain_nll": "target held-out NLL drop",
+    }
+    for key, label in rows.items():
+        lines.append(f"{label:<34}" + "".join(f"{_vci(runs[n][key]):>{width}}" for n in names))
+    lines += ["", f"{'paired difference (same items)':<34}" + "".join(f"{label:>{width}}" for label in rows.values())]
+    for diff in summary["differences"]:
+        later, earlier = diff["runs"]
+        lines.append(
+            f"{later + ' - ' + earlier:<34}" + "".join(f"{_vci(diff[k], 'difference'):>{width}}" for k in rows)
         )
-    )
-    lines.append(
-        f"{'target gain (held-out NLL drop)':<34}" + "".join(f"{runs[n]['target_gain_nll']:>+24.4f}" for n in names)
-    )
     return "\n".join(lines)
 
 
@@ -766,7 +830,8 @@ def plot_correlations(report: dict[str, Any], path: Path) -> None:
 
 
 def plot_compare(summary: dict[str, Any], path: Path) -> None:
-    """Each domain's change under each run, domains ordered by the target-only change."""
+    """Each domain's change under each run (bars: one bootstrap standard error over items), domains ordered by
+    the target-only change."""
     from mixopt.plots import _height, _save, plt
 
     runs = summary["runs"]
@@ -780,8 +845,10 @@ def plot_compare(summary: dict[str, Any], path: Path) -> None:
             y + (k - 1) * 0.27,
             values,
             height=0.27,
+            xerr=[runs[run]["per_domain_stderr"][d] for d in domains],
+            error_kw={"elinewidth": 0.6, "capsize": 1.5},
             color=color,
-            label=f"{run} (target NLL drop {runs[run]['target_gain_nll']:+.3f})",
+            label=f"{run} (target NLL drop {runs[run]['target_gain_nll']['value']:+.3f})",
         )
     ax.set_yticks(y, domains, fontsize=7)
     direction = "higher is better" if summary["higher_is_better"] else "lower is better"
@@ -904,8 +971,12 @@ def run_compare(
         t = time.perf_counter()
         runs[run.name] = train_and_measure(recipe, run, items, target.heldout, out, identity)
         timings[f"finetune_{run.name}"] = time.perf_counter() - t
-    cells = build_cells(base, runs, spans, {r: masks[target.name] for r in runs}, 0, recipe.seed)
-    return compare_summary(cells, recipe.compare.metric, base, runs, target.name)
+    cells = build_cells(
+        base, runs, spans, {r: masks[target.name] for r in runs}, recipe.evaluation.bootstrap, recipe.seed
+    )
+    return compare_summary(
+        cells, recipe.compare.metric, base, runs, target.name, recipe.evaluation.bootstrap, recipe.seed
+    )
 
 
 def assemble(

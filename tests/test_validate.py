@@ -266,6 +266,49 @@ def test_statistics__match_independent_formulas() -> None:
     assert lo < ev.pearson(x, y) < hi
 
 
+def test_compare__paired_intervals_cancel_the_noise_runs_share() -> None:
+    """Two runs measured on the same items: one is the other plus 0.1 on every item. Paired resampling
+    gives that difference with a zero-width interval, while each run's own interval stays wide."""
+    from mixopt.validate import Cells, compare_summary, paired_mean_draws
+
+    rng = np.random.default_rng(0)
+    first = [rng.normal(size=30) for _ in range(3)]  # 3 domains x 30 items: per-item changes of run "a"
+    draws = paired_mean_draws([np.stack([x, x + 0.1]) for x in first], n_boot=200, seed=0)
+    assert draws.shape == (200, 2, 3)
+    assert draws[:, 1] - draws[:, 0] == pytest.approx(np.full((200, 3), 0.1))
+    first_resample = np.random.default_rng(0).integers(0, 30, (200, 30))[0]  # the first domain's first resample
+    assert draws[0, 0, 0] == pytest.approx(first[0][first_resample].mean())
+
+    deltas = np.array([[x.mean() for x in first], [x.mean() + 0.1 for x in first]])
+    stderr = {"letter_mass": np.full((2, 3), 0.2)}
+    cells = Cells(["a", "b"], ["d0", "d1", "d2"], {}, {}, {"letter_mass": deltas}, stderr, np.full((2, 3), 30), {})
+    cells.item_deltas["letter_mass"] = [first, [x + 0.1 for x in first]]
+    own = {"a": [1.0, 2.0, 3.0, 4.0], "b": [0.5, 1.5, 2.5, 3.5]}
+    summary = compare_summary(
+        cells,
+        "letter_mass",
+        {"heldout": {"t": [2.0] * 4}},
+        {r: {"heldout": {"t": v}} for r, v in own.items()},
+        "t",
+        200,
+        0,
+    )
+    a, b = summary["runs"]["a"], summary["runs"]["b"]
+    worst = int(np.argmin(deltas[0]))  # letter mass: higher is better, the worst domain loses the most
+    assert a["worst"] == {"domain": f"d{worst}", "change": pytest.approx(deltas[0, worst])}
+    assert b["mean_change"]["value"] == pytest.approx(deltas[1].mean())
+    assert a["target_gain_nll"]["value"] == pytest.approx(2.0 - 2.5) and b["target_gain_nll"]["value"] == pytest.approx(
+        0.0
+    )
+    lo, hi = a["mean_change"]["ci"]
+    assert hi - lo > 0.1  # 30 noisy items per domain: each run alone is uncertain
+    (diff,) = summary["differences"]
+    assert diff["runs"] == ["b", "a"]
+    for key, expected in (("mean_change", 0.1), ("worst_change", 0.1), ("target_gain_nll", 0.5)):
+        assert diff[key]["difference"] == pytest.approx(expected)
+        assert diff[key]["ci"] == pytest.approx([expected, expected]), key
+
+
 def test_random_control__reproducible_by_seed() -> None:
     from mixopt import sts
     from mixopt.features import Reduction, SourceStats
@@ -347,6 +390,12 @@ def test_validate__end_to_end_writes_correlations_plots_and_the_comparison(valid
     runs = report["compare"]["runs"]
     assert list(runs) == ["math", "math+uniform", "math+mixopt"]
     assert sum(runs["math+uniform"]["mixture"].values()) == sum(runs["math+mixopt"]["mixture"].values()) == 16
+    pairs = [d["runs"] for d in report["compare"]["differences"]]
+    assert pairs == [["math+uniform", "math"], ["math+mixopt", "math"], ["math+mixopt", "math+uniform"]]
+    for run in runs.values():
+        lo, hi = run["mean_change"]["ci"]
+        assert lo <= run["mean_change"]["value"] <= hi
+        assert all(np.isfinite(se) for se in run["per_domain_stderr"].values())
     for name in ("correlations.png", "scatter_math.png", "scatter_law.png", "compare.png"):
         assert (out / "plots" / name).stat().st_size > 0, name
     assert not list((out / "finetune").glob("*/checkpoint.pt"))  # dropped once measured
