@@ -727,35 +727,50 @@ def _vci(stat: dict[str, Any], key: str = "value") -> str:
     return f"{stat[key]:+.4f} [{lo:+.4f},{hi:+.4f}]"
 
 
-def compare_table(summary: dict[str, Any]) -> str:
-    runs = summary["runs"]
-    direction = "higher is better" if summary["higher_is_better"] else "lower is better"
+COMPARE_ROWS = {
+    "mean_change": "mean change",
+    "worst_change": "worst domain's change",
+    "target_gain_nll": "target held-out NLL drop",
+}
+
+
+def compare_table(compare: dict[str, Any]) -> str:
+    """The recipe's metric in full (every domain), then each other metric's mean and worst change; every
+    run with its 95% interval over items, and the paired differences between runs."""
+    primary = compare["by_metric"][compare["metric"]]
+    runs, width = primary["runs"], 28
     names = list(runs)
-    width = 28
     lines = [
-        f"mixture comparison at the same budget: change in {summary['metric']} ({direction}); "
-        "95% intervals resample items",
-        f"{'domain':<34}" + "".join(f"{n:>{width}}" for n in names),
+        "mixture comparison at the same budget (95% intervals resample items, not fine-tune seeds)",
+        f"{'change in ' + _metric_label(primary):<34}" + "".join(f"{n:>{width}}" for n in names),
     ]
-    for d in next(iter(runs.values()))["per_domain"]:
+    for d in runs[names[0]]["per_domain"]:
         lines.append(f"{d:<34}" + "".join(f"{runs[n]['per_domain'][d]:>+{width}.4f}" for n in names))
     lines.append(
         f"{'worst domain':<34}" + "".join(f"{runs[n]['worst']['domain'][: width - 2]:>{width}}" for n in names)
     )
-    rows = {
-        "mean_change": "mean change",
-        "worst_change": "worst domain's change",
-        "target_gain_nll": "target held-out NLL drop",
-    }
-    for key, label in rows.items():
-        lines.append(f"{label:<34}" + "".join(f"{_vci(runs[n][key]):>{width}}" for n in names))
-    lines += ["", f"{'paired difference (same items)':<34}" + "".join(f"{label:>{width}}" for label in rows.values())]
+    lines += _compare_rows(primary, list(COMPARE_ROWS), width)
+    for metric, summary in compare["by_metric"].items():
+        if metric != compare["metric"]:
+            lines += ["", f"change in {_metric_label(summary)}", *_compare_rows(summary, list(COMPARE_ROWS)[:2], width)]
+    return "\n".join(lines)
+
+
+def _metric_label(summary: dict[str, Any]) -> str:
+    return f"{summary['metric']} ({'higher' if summary['higher_is_better'] else 'lower'} is better)"
+
+
+def _compare_rows(summary: dict[str, Any], keys: list[str], width: int) -> list[str]:
+    """Each run's statistics (one row per key), then each paired difference (one column per key)."""
+    runs = summary["runs"]
+    lines = [f"{COMPARE_ROWS[k]:<34}" + "".join(f"{_vci(run[k]):>{width}}" for run in runs.values()) for k in keys]
+    lines.append(f"{'paired difference (same items)':<34}" + "".join(f"{COMPARE_ROWS[k]:>{width}}" for k in keys))
     for diff in summary["differences"]:
         later, earlier = diff["runs"]
         lines.append(
-            f"{later + ' - ' + earlier:<34}" + "".join(f"{_vci(diff[k], 'difference'):>{width}}" for k in rows)
+            f"{'  ' + later + ' - ' + earlier:<34}" + "".join(f"{_vci(diff[k], 'difference'):>{width}}" for k in keys)
         )
-    return "\n".join(lines)
+    return lines
 
 
 # ----------------------------------------------------------------------------------------- plots
@@ -964,7 +979,8 @@ def run_compare(
     identity: str,
     timings: dict[str, float],
 ) -> dict[str, Any]:
-    """Target only (the target's own fine-tune above) vs + uniform replay vs + mixopt's allocation."""
+    """Target only (the target's own fine-tune above) vs + uniform replay vs + mixopt's allocation, on every
+    metric (replay can teach a metric's format, so one metric alone can mislead); `compare.metric` leads."""
     target = next(s for s in sources if s.name == recipe.compare_target)
     runs = {target.name: after[target.name]}
     for run in mixture_runs(recipe, target, domains, scores[target.name]):
@@ -974,9 +990,11 @@ def run_compare(
     cells = build_cells(
         base, runs, spans, {r: masks[target.name] for r in runs}, recipe.evaluation.bootstrap, recipe.seed
     )
-    return compare_summary(
-        cells, recipe.compare.metric, base, runs, target.name, recipe.evaluation.bootstrap, recipe.seed
-    )
+    by_metric = {
+        m: compare_summary(cells, m, base, runs, target.name, recipe.evaluation.bootstrap, recipe.seed)
+        for m in ev.METRICS
+    }
+    return {"metric": recipe.compare.metric, "by_metric": by_metric}
 
 
 def assemble(
@@ -1085,7 +1103,7 @@ def write_report(out: Path, report: dict[str, Any], matrix: dict[str, np.ndarray
         )
     plot_correlations(report, out / "plots" / "correlations.png")
     if report.get("compare"):
-        plot_compare(report["compare"], out / "plots" / "compare.png")
+        plot_compare(report["compare"]["by_metric"][report["compare"]["metric"]], out / "plots" / "compare.png")
     write_json(out / "validation.json", report)
 
 

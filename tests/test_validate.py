@@ -387,10 +387,11 @@ def test_validate__end_to_end_writes_correlations_plots_and_the_comparison(valid
     for m in ev.METRICS:
         assert set(report["metrics"][m]["reliability"]) == {"level", "change_pooled", "change_by_source"}
     assert report["sources"]["math"]["finetune"]["steps"] == 4
-    runs = report["compare"]["runs"]
+    assert report["compare"]["metric"] == "letter_mass" and set(report["compare"]["by_metric"]) == set(ev.METRICS)
+    runs = report["compare"]["by_metric"]["letter_mass"]["runs"]
     assert list(runs) == ["math", "math+uniform", "math+mixopt"]
     assert sum(runs["math+uniform"]["mixture"].values()) == sum(runs["math+mixopt"]["mixture"].values()) == 16
-    pairs = [d["runs"] for d in report["compare"]["differences"]]
+    pairs = [d["runs"] for d in report["compare"]["by_metric"]["letter_mass"]["differences"]]
     assert pairs == [["math+uniform", "math"], ["math+mixopt", "math"], ["math+mixopt", "math+uniform"]]
     for run in runs.values():
         lo, hi = run["mean_change"]["ci"]
