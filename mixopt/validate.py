@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import os
 import sys
@@ -550,7 +551,8 @@ def compare_summary(
 ) -> dict[str, Any]:
     """Per run: each domain's change, the worst one (in the metric's bad direction), the mean, and the
     target's own gain (reply NLL on its held-out rows, before minus after: positive is learning), each with
-    a 95% interval over items; and every later run minus every earlier one, paired on the same items."""
+    a 95% interval over items; and every later run minus every earlier one, paired on the same items (for
+    two mixtures, also the Spearman over domains of one's extra rows with its extra gain)."""
     sign = 1.0 if ev.HIGHER_IS_BETTER[metric] else -1.0
     names = cells.sources
     # an item is measured or not by its length alone, so every run keeps the same items of a domain
@@ -581,20 +583,19 @@ def compare_summary(
             **{k: {"value": v, "ci": ev.percentile_interval(draws[k][:, i])} for k, v in point.items()},
             "mixture": after[run].get("mixture", {}),
         }
-    differences = [
-        {
-            "runs": [names[j], names[i]],
-            **{
-                k: {
-                    "difference": runs[names[j]][k]["value"] - runs[names[i]][k]["value"],
-                    "ci": ev.percentile_interval(draws[k][:, j] - draws[k][:, i]),
-                }
-                for k in draws
-            },
-        }
-        for i in range(len(names))
-        for j in range(i + 1, len(names))
-    ]
+    differences = []
+    for i, j in itertools.combinations(range(len(names)), 2):
+        later, earlier = runs[names[j]], runs[names[i]]
+        diff: dict[str, Any] = {"runs": [names[j], names[i]]}
+        for k in draws:
+            value = later[k]["value"] - earlier[k]["value"]
+            diff[k] = {"difference": value, "ci": ev.percentile_interval(draws[k][:, j] - draws[k][:, i])}
+        if later["mixture"] and earlier["mixture"]:
+            # did the rows one mixture adds to a domain buy that domain more (in the good direction)?
+            extra = [later["mixture"].get(d, 0) - earlier["mixture"].get(d, 0) for d in cells.domains]
+            gain = [sign * (later["per_domain"][d] - earlier["per_domain"][d]) for d in cells.domains]
+            diff["extra_rows_vs_gain_spearman"] = ev.spearman(np.array(extra, float), np.array(gain))
+        differences.append(diff)
     return {
         "metric": metric,
         "higher_is_better": ev.HIGHER_IS_BETTER[metric],
@@ -767,8 +768,11 @@ def _compare_rows(summary: dict[str, Any], keys: list[str], width: int) -> list[
     lines.append(f"{'paired difference (same items)':<34}" + "".join(f"{COMPARE_ROWS[k]:>{width}}" for k in keys))
     for diff in summary["differences"]:
         later, earlier = diff["runs"]
+        spread = diff.get("extra_rows_vs_gain_spearman")
         lines.append(
-            f"{'  ' + later + ' - ' + earlier:<34}" + "".join(f"{_vci(diff[k], 'difference'):>{width}}" for k in keys)
+            f"{'  ' + later + ' - ' + earlier:<34}"
+            + "".join(f"{_vci(diff[k], 'difference'):>{width}}" for k in keys)
+            + ("" if spread is None else f"   extra rows vs gain, Spearman over domains {_r(spread)}")
         )
     return lines
 

@@ -393,6 +393,8 @@ def test_validate__end_to_end_writes_correlations_plots_and_the_comparison(valid
     assert sum(runs["math+uniform"]["mixture"].values()) == sum(runs["math+mixopt"]["mixture"].values()) == 16
     pairs = [d["runs"] for d in report["compare"]["by_metric"]["letter_mass"]["differences"]]
     assert pairs == [["math+uniform", "math"], ["math+mixopt", "math"], ["math+mixopt", "math+uniform"]]
+    differences = report["compare"]["by_metric"]["letter_mass"]["differences"]
+    assert [("extra_rows_vs_gain_spearman" in d) for d in differences] == [False, False, True]
     for run in runs.values():
         lo, hi = run["mean_change"]["ci"]
         assert lo <= run["mean_change"]["value"] <= hi
