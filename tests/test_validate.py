@@ -269,7 +269,8 @@ def test_statistics__match_independent_formulas() -> None:
 def test_compare__paired_intervals_cancel_the_noise_runs_share() -> None:
     """Two runs measured on the same items: one is the other plus 0.1 on every item. Paired resampling
     gives that difference with a zero-width interval, while each run's own interval stays wide."""
-    from mixopt.validate import Cells, compare_summary, paired_mean_draws
+    from mixopt.compare import compare_summary, paired_mean_draws
+    from mixopt.validate import Cells
 
     rng = np.random.default_rng(0)
     first = [rng.normal(size=30) for _ in range(3)]  # 3 domains x 30 items: per-item changes of run "a"
