@@ -124,7 +124,8 @@ Each domain's STS (SAE Transferability Score) forecasts how strongly training on
 the solver gives more replay to the domains most exposed. The numbers behind this run are in
 `manifest.json`. The forecast is a hypothesis until checked on your model and data (`mixopt validate`):
 on the embedded SmolLM2-135M, no score, STS included, ranked domains by how far real fine-tunes moved
-them (mixopt's docs/validation.md).
+them, and this allocation protected no better than uniform replay at the same budget; replay itself
+helped, in the format of its rows (mixopt's docs/validation.md).
 
 ![STS per domain, with the raw-activation baseline](plots/sts.png)
 
