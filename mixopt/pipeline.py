@@ -378,6 +378,7 @@ def plan_recipe(recipe: Recipe, out: Path, force: bool = False, dry_run: bool = 
             [d.sts for d in ranked],
             [d.baseline for d in ranked],
             staged / "plots" / "sts.png",
+            recipe.sts.score,
         )
         shares = {d.name: d.share for d in allocation.domains}
         shares = {recipe.target.name: 1 - sum(shares.values())} | shares  # in the budget's unit
@@ -395,10 +396,10 @@ def plan_recipe(recipe: Recipe, out: Path, force: bool = False, dry_run: bool = 
 
 
 def allocation_markdown(scores: Scores, allocation: Any) -> str:
-    """The domain table (STS, baseline, allocation) as markdown, target first."""
+    """The domain table (the recipe's score, baseline, allocation) as markdown, target first."""
     by_name = {d.name: d for d in scores.domains}
     lines = [
-        "| domain | STS | 95% interval | raw baseline | count | share | epochs |",
+        f"| domain | {scores.score} | 95% interval | raw baseline | count | share | epochs |",
         "| --- | ---: | --- | ---: | ---: | ---: | ---: |",
         f"| {scores.target.name} (target) | | | | {allocation.target_count} | {allocation.target_fraction:.1%} | |",
     ]

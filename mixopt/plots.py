@@ -56,8 +56,20 @@ def _check(names: Sequence[str], **columns: Sequence[float]) -> None:
         raise ValueError("nothing to plot: no names")
 
 
-def plot_scores(names: Sequence[str], sts: Sequence[float], raw: Sequence[float], path: Path) -> None:
-    """Horizontal bars of STS per domain, highest first, with the raw-activation baseline in a panel beside.
+SCORE_LABELS = {
+    "act": "STS act (shifted SAE latents)",
+    "act_sq": "STS act_sq (shifted SAE latents)",
+    "icl": "STS icl (shifted SAE latents)",
+    "raw": "raw (shifted residual dimensions)",
+    "similarity": "centered similarity to the target",
+}
+
+
+def plot_scores(
+    names: Sequence[str], sts: Sequence[float], raw: Sequence[float], path: Path, score: str = "act"
+) -> None:
+    """Horizontal bars of the recipe's score (`score`: an STS variant or a baseline) per domain, highest
+    first, with the raw-activation baseline in a panel beside.
 
     Two panels sharing the domain axis, each on its own scale: STS and the raw baseline are sums over
     different spaces (SAE latents vs residual dimensions), so one axis would flatten one of them.
@@ -71,8 +83,8 @@ def plot_scores(names: Sequence[str], sts: Sequence[float], raw: Sequence[float]
     )
     left.barh(y, sts_values[rows], color=STS_COLOR)
     left.set_yticks(y, [names[i] for i in rows])
-    left.set_xlabel("STS (shifted SAE latents)")
-    left.set_title("STS per domain (higher: more exposed)" + suffix, loc="left")
+    left.set_xlabel(SCORE_LABELS[score])
+    left.set_title(f"{score} per domain (higher: more exposed)" + suffix, loc="left")
     right.barh(y, raw_values[rows], color=RAW_COLOR)
     right.set_xlabel("raw baseline (residual dimensions)")
     right.set_title("Raw baseline", loc="left")

@@ -120,12 +120,13 @@ def write_run_readme(
 
 A fine-tuning mixture of {total:,} rows: the target data `{target_name}` ({counts.get(target_name, 0):,} rows)
 plus replay rows from the domains it is forecast to move most, so that the fine-tune keeps them.
-Each domain's STS (SAE Transferability Score) forecasts how strongly training on the target moves it;
-the solver gives more replay to the domains most exposed. The numbers behind this run are in
-`manifest.json`. The forecast is a hypothesis until checked on your model and data (`mixopt validate`):
-on the embedded SmolLM2-135M, no score, STS included, ranked domains by how far real fine-tunes moved
-them, and this allocation protected no better than uniform replay at the same budget; replay itself
-helped, in the format of its rows (mixopt's docs/validation.md).
+Each domain's score (the recipe's `sts.score`: an STS variant, the SAE Transferability Score, or a
+baseline such as centered similarity) forecasts how strongly training on the target moves it; the solver
+gives more replay to the domains most exposed. The numbers behind this run are in `manifest.json`. The
+forecast is a hypothesis until checked on your model and data (`mixopt validate`): on the embedded
+SmolLM2-135M, STS did not rank domains by how far real fine-tunes moved them, centered similarity over
+response tokens did weakly (Spearman +0.22), and an STS allocation protected no better than uniform
+replay at the same budget; replay itself helped, in the format of its rows (mixopt's docs/validation.md).
 
 ![STS per domain, with the raw-activation baseline](plots/sts.png)
 

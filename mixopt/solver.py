@@ -124,7 +124,7 @@ class Allocation:
 
     def table(self) -> str:
         """A plain aligned text table: one row for the target, one per domain."""
-        header = ["domain", "STS", "count", "tokens", "share", "epochs", "binding"]
+        header = ["domain", "score", "count", "tokens", "share", "epochs", "binding"]
         target_tokens = "-" if self.target_tokens is None else f"{self.target_tokens:,}"
         target_share = 1.0 - sum(d.share for d in self.domains)
         rows = [["(target)", "-", f"{self.target_count:,}", target_tokens, f"{target_share:.1%}", "-", ""]]

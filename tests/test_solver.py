@@ -251,7 +251,7 @@ def test_allocation__round_trips_through_json_with_the_documented_keys(tmp_path)
 def test_table__has_a_row_per_domain_and_the_target():
     table = solve_allocation(make_scores([1.0, 2.0]), spec(), budget=100).table()
     lines = table.splitlines()
-    assert lines[0].split()[:6] == ["domain", "STS", "count", "tokens", "share", "epochs"]
+    assert lines[0].split()[:6] == ["domain", "score", "count", "tokens", "share", "epochs"]
     assert [line.split()[0] for line in lines[1:]] == ["(target)", "d0", "d1"]
 
 

@@ -446,7 +446,7 @@ def test_sweep__rescores_every_setting_without_training_and_agrees_with_the_repo
     sweep = report["sweep"]
     rows = {(r["setting"], r["scorer"]): r for r in sweep["rows"]}
     expected = {f"top_k={k}" for k in TOP_K if k != 8}
-    expected |= {"recipe", "demos=1", "demos=4", "score=icl", "tokens=response"}
+    expected |= {"recipe", "demos=1", "demos=4", "score=icl", "tokens=content"}  # the default counts responses
     assert {s for s, _ in rows} == expected
     assert ("score=icl", "icl") in rows and ("recipe", "similarity") in rows
     pooled = report["correlations"][sweep["metric"]]["pooled"]["scores"]
