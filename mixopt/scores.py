@@ -74,19 +74,21 @@ class Scores:
         os.replace(tmp, path)
 
     def table(self) -> str:
-        """Shifted latents, then domains by STS with baselines and uncertainty, as plain text."""
+        """Shifted latents, then domains by the recipe's score with baselines and uncertainty, as plain text."""
+        label = f"score({self.score})"
+        width = max(12, len(label))
         top = ", ".join(f"{s['index']}({s['shift']:.3g})" for s in self.shifted_latents[:10])
         lines = [
             f"shifted latents (top {self.top_k} of layer {self.layer}; first 10 with shift): {top}",
             "",
-            f"{'domain':<24} {'STS(' + self.score + ')':>12} {'95% interval':>21} {'raw':>10} "
+            f"{'domain':<24} {label:>{width}} {'95% interval':>21} {'raw':>10} "
             f"{'similarity':>10} {'tokens':>8} {'examples':>8} {'available':>9}",
         ]
         for d in [*self.ranked(), self.target]:
             lo, hi = d.interval or [float("nan")] * 2
             name = f"{d.name} (target)" if d is self.target else d.name
             lines.append(
-                f"{name:<24} {d.sts:>12.4g} [{lo:>9.4g},{hi:>9.4g}] {d.baseline:>10.4g} "
+                f"{name:<24} {d.sts:>{width}.4g} [{lo:>9.4g},{hi:>9.4g}] {d.baseline:>10.4g} "
                 f"{d.similarity:>10.3f} {d.tokens:>8} {d.examples:>8} {d.available:>9}"
             )
         return "\n".join(lines)
