@@ -16,7 +16,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,19 +61,27 @@ def with_setting(recipe: ValidateRecipe, setting: Setting) -> ValidateRecipe:
 
 
 def run_sweep(
-    recipe: ValidateRecipe, out: Path, cells: Any, metric: str, recipe_matrix: dict[str, np.ndarray]
+    recipe: ValidateRecipe,
+    out: Path,
+    cells: Any,
+    metric: str,
+    recipe_matrix: dict[str, np.ndarray],
+    check_metrics: Sequence[str] = (),
 ) -> dict[str, Any]:
     """{metric, reference, rows: [{setting, scorer, pooled, within, versus_reference}]}: each row's
     correlations with |change| and change of `metric`, pooled over the cells and standardised within each
     source (validate.correlations), and its within-source |change| Spearman minus the reference's (the
     recipe's own scorer) with a paired 95% interval: both sides on the same resamples of domains, so a
     setting only beats the default when that interval excludes 0.
-    `recipe_matrix`: the run's own score matrix, which is the `recipe` setting's (not scored again)."""
+    `recipe_matrix`: the run's own score matrix, which is the `recipe` setting's (not scored again).
+    `check_metrics`: the best row is compared with the reference on each of these metrics too
+    (`best_across_metrics`): one win among many rows is only worth a default if it holds elsewhere."""
     from mixopt.validate import correlations, score_matrix, score_sources, write_json
 
     n_boot, seed = recipe.evaluation.bootstrap, recipe.seed
     sweep: dict[str, Any] = {"metric": metric, "reference": recipe.sts.score, "rows": []}
     reference: tuple[float, np.ndarray] | None = None  # the recipe scorer's within-source r and its draws
+    matrices: dict[tuple[str, str], np.ndarray] = {}  # (setting, scorer) -> (sources, domains) scores
     draws_of = within_abs_spearman_draws(cells, metric, n_boot, seed)
     for setting in settings(recipe):  # the recipe's own setting comes first: it holds the reference
         if setting.name == "recipe":
@@ -88,6 +96,7 @@ def run_sweep(
             r0 = within[recipe.sts.score]["abs"]["spearman"]["r"]
             reference = (r0, draws_of(matrix[recipe.sts.score]))
         for scorer, values in matrix.items():
+            matrices[setting.name, scorer] = values
             row = {"setting": setting.name, "scorer": scorer, "pooled": result["pooled"]["scores"][scorer]}
             row["within"] = within[scorer]
             if reference is not None:
@@ -96,7 +105,44 @@ def run_sweep(
                 row["versus_reference"] = {"difference": difference, "ci": ev.percentile_interval(draws - reference[1])}
             sweep["rows"].append(row)
         write_json(out / "sweep" / "sweep.json", sweep)  # the settings so far, should the sweep be stopped
+    best = best_row(sweep)
+    if ("recipe", recipe.sts.score) in matrices:
+        sweep["best_across_metrics"] = {
+            m: versus_on(
+                cells, m, matrices[best["setting"], best["scorer"]], matrices["recipe", recipe.sts.score], n_boot, seed
+            )
+            for m in check_metrics
+        }
+        write_json(out / "sweep" / "sweep.json", sweep)
     return sweep
+
+
+def versus_on(
+    cells: Any, metric: str, scores: np.ndarray, reference: np.ndarray, n_boot: int, seed: int
+) -> dict[str, Any]:
+    """Within-source |change| Spearman of `scores` and of `reference` on `metric`, their paired difference
+    with its 95% interval and the share of resamples where `scores` does not beat `reference`, and
+    `scores`' Spearman within each source."""
+    draws_of = within_abs_spearman_draws(cells, metric, n_boot, seed)
+    r = within_abs_spearman(cells, metric, scores)
+    r0 = within_abs_spearman(cells, metric, reference)
+    diff = draws_of(scores) - draws_of(reference)
+    finite = diff[np.isfinite(diff)]
+    return {
+        "r": r,
+        "reference_r": r0,
+        "difference": r - r0,
+        "ci": ev.percentile_interval(diff),
+        "share_not_above": float(np.mean(finite <= 0)) if len(finite) else float("nan"),
+        "by_source": {s: ev.spearman(scores[i], np.abs(cells.delta[metric][i])) for i, s in enumerate(cells.sources)},
+    }
+
+
+def within_abs_spearman(cells: Any, metric: str, scores: np.ndarray) -> float:
+    """Spearman of scores with |change| over the cells, both standardised within each source first."""
+    from mixopt.validate import _zscored
+
+    return ev.spearman(_zscored(scores).ravel(), _zscored(np.abs(cells.delta[metric])).ravel())
 
 
 def within_abs_spearman_draws(cells: Any, metric: str, n_boot: int, seed: int) -> Callable[[np.ndarray], np.ndarray]:
@@ -122,7 +168,7 @@ def best_row(sweep: dict[str, Any]) -> dict[str, Any]:
 
 
 def sweep_table(sweep: dict[str, Any]) -> str:
-    from mixopt.validate import _rci
+    from mixopt.validate import _r, _rci
 
     reference = sweep.get("reference", "act")
     lines = [
@@ -141,6 +187,17 @@ def sweep_table(sweep: dict[str, Any]) -> str:
         )
     best = best_row(sweep)
     lines.append(f"best within-source forecaster of |change|: {best['scorer']} at {best['setting']}; {_beats(best)}")
+    if sweep.get("best_across_metrics"):
+        lines.append(
+            f"the same row on every reliable metric (within-source |change| Spearman; minus {reference}, paired; "
+            "share of resamples where it is not above; per source):"
+        )
+        for m, v in sweep["best_across_metrics"].items():
+            per_source = ", ".join(f"{s} {_r(r)}" for s, r in v["by_source"].items())
+            lines.append(
+                f"  {m:<12} {_r(v['r'])} ({reference} {_r(v['reference_r'])})  "
+                f"{_rci({'r': v['difference'], 'ci': v['ci']})}  {v['share_not_above']:.3f}  {per_source}"
+            )
     return "\n".join(lines)
 
 

@@ -761,7 +761,7 @@ def run_validation(recipe: ValidateRecipe, out: Path, compare: bool = False, swe
         from mixopt.sweep import run_sweep
 
         t = time.perf_counter()
-        report["sweep"] = run_sweep(recipe, out, cells, primary_metric(report), matrix)
+        report["sweep"] = run_sweep(recipe, out, cells, primary_metric(report), matrix, reliable_metrics(report))
         timings["sweep"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - started
     report["timings"] = {k: round(v, 1) for k, v in timings.items()}

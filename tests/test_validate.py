@@ -438,7 +438,7 @@ def test_cli__validate_command_prints_the_report(validated: tuple[Path, Path]) -
 def test_sweep__rescores_every_setting_without_training_and_agrees_with_the_report(
     validated: tuple[Path, Path], trains_nothing: None
 ) -> None:
-    from mixopt.sweep import TOP_K, sweep_table
+    from mixopt.sweep import TOP_K, best_row, sweep_table
     from mixopt.validate import run_validation
 
     recipe, out = validated
@@ -464,3 +464,9 @@ def test_sweep__rescores_every_setting_without_training_and_agrees_with_the_repo
     k = json.loads((out / "sweep" / "top_k=30" / "math.json").read_text())["top_k"]
     assert k == 30  # the tiny SAE has 64 latents: k=30 is a real setting, k=100+ saturate at 64
     assert "best within-source forecaster" in sweep_table(sweep)
+    best = best_row(sweep)  # checked on every reliable metric; on the primary it is the row's own number
+    across = sweep["best_across_metrics"]
+    assert list(across) == [m for m, info in report["metrics"].items() if info["reliable"]]
+    primary = across[sweep["metric"]]  # the tiny run's primary metric is reliable
+    assert primary["r"] == pytest.approx(best["within"]["abs"]["spearman"]["r"], nan_ok=True)
+    assert primary["difference"] == pytest.approx(best["versus_reference"]["difference"], nan_ok=True)
