@@ -125,8 +125,9 @@ baseline such as centered similarity) forecasts how strongly training on the tar
 gives more replay to the domains most exposed. The numbers behind this run are in `manifest.json`. The
 forecast is a hypothesis until checked on your model and data (`mixopt validate`): on the embedded
 SmolLM2-135M, STS did not rank domains by how far real fine-tunes moved them, centered similarity over
-response tokens did weakly (Spearman +0.22), and an STS allocation protected no better than uniform
-replay at the same budget; replay itself helped, in the format of its rows (mixopt's docs/validation.md).
+response tokens did weakly (Spearman +0.22), and neither an STS nor a similarity allocation protected
+better than uniform replay at the same budget; replay itself helped, in the format of its rows (mixopt's
+docs/validation.md).
 
 ![STS per domain, with the raw-activation baseline](plots/sts.png)
 
