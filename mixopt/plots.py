@@ -6,7 +6,7 @@ numbers give the same bytes on the same machine.
 Example:
     >>> import tempfile
     >>> folder = Path(tempfile.mkdtemp())
-    >>> plot_scores(["law", "math"], [0.8, 0.3], [0.1, 0.2], folder / "sts.png")
+    >>> plot_scores(["law", "math"], [0.8, 0.3], [0.1, 0.2], folder / "sts.png", "similarity")
     >>> plot_allocation(["gsm8k", "law", "math"], [0.5, 0.3, 0.2], folder / "allocation.png", target="gsm8k")
     >>> (folder / "sts.png").stat().st_size > 0
     True
@@ -65,9 +65,7 @@ SCORE_LABELS = {
 }
 
 
-def plot_scores(
-    names: Sequence[str], sts: Sequence[float], raw: Sequence[float], path: Path, score: str = "act"
-) -> None:
+def plot_scores(names: Sequence[str], sts: Sequence[float], raw: Sequence[float], path: Path, score: str) -> None:
     """Horizontal bars of the recipe's score (`score`: an STS variant or a baseline) per domain, highest
     first, with the raw-activation baseline in a panel beside.
 

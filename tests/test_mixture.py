@@ -310,7 +310,7 @@ def test_write_exports__a_mixture_without_rows_says_so(tmp_path: Path) -> None:
 
 def test_plots__write_non_empty_pngs_with_the_same_bytes_each_time(tmp_path: Path) -> None:
     names = ["law", "math", "code"]
-    plot_scores(names, [0.8, 0.2, float("nan")], [0.1, 0.3, 0.2], tmp_path / "sts.png")
+    plot_scores(names, [0.8, 0.2, float("nan")], [0.1, 0.3, 0.2], tmp_path / "sts.png", "similarity")
     plot_allocation(["target", *names], [0.5, 0.3, 0.15, 0.05], tmp_path / "allocation.png", target="target")
     plot_allocation(["target", *names], [0.5, 0.3, 0.15, 0.05], tmp_path / "again.png", target="target")
     for name in ("sts.png", "allocation.png"):
@@ -320,7 +320,7 @@ def test_plots__write_non_empty_pngs_with_the_same_bytes_each_time(tmp_path: Pat
 
 def test_plot_scores__mismatched_lengths_are_reported(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="raw has 1 values for 2 names"):
-        plot_scores(["law", "math"], [0.1, 0.2], [0.1], tmp_path / "sts.png")
+        plot_scores(["law", "math"], [0.1, 0.2], [0.1], tmp_path / "sts.png", "act")
 
 
 def test_write_run_readme__embeds_plots_table_and_epochs_per_part(tmp_path: Path) -> None:
