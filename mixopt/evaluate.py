@@ -18,7 +18,6 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -29,6 +28,7 @@ from tqdm.auto import tqdm
 from mixopt.batching import length_batches, pad_right
 from mixopt.encoding import encode_chat
 from mixopt.errors import ModelError
+from mixopt.files import text_digest
 from mixopt.model import LoadedModel
 
 METRICS = ("answer_nll", "cloze_nll", "letter_mass", "accuracy", "letter_nll")
@@ -39,7 +39,7 @@ REPLY_START = "Answer:"  # the letter is read at the token after this, e.g. "Ans
 
 def content_key(text: str, seed: int = 0) -> str:
     """sha256 of `seed` and the text: equal on every process and machine (the built-in hash is salted)."""
-    return hashlib.sha256(f"{seed}\x00{text}".encode()).hexdigest()
+    return text_digest(f"{seed}\x00{text}").hex()
 
 
 def normalized(text: str) -> str:

@@ -12,9 +12,6 @@ query's counted tokens are compared, position by position.
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any
@@ -24,6 +21,7 @@ from tqdm.auto import tqdm
 
 from mixopt.batching import length_batches, pad_right
 from mixopt.encoding import Encoded
+from mixopt.files import Digest, atomic_write
 from mixopt.model import LoadedModel, cache_dir, prefix_cache, residual_stream
 
 CACHE_VERSION = 1
@@ -164,11 +162,10 @@ def run_pass(
 def pass_key(identity: dict[str, Any], examples: list[Encoded], prefix: list[int]) -> str:
     """Cache key: model, SAE, layer, dtype and the exact ids + masks scored (which pin down source content,
     templates, tokenizer, sampling and limits)."""
-    digest = hashlib.sha256(json.dumps({**identity, "v": CACHE_VERSION}, sort_keys=True).encode())
-    digest.update(json.dumps(prefix).encode())
+    key = Digest().add({**identity, "v": CACHE_VERSION}).add(prefix)
     for e in examples:
-        digest.update(json.dumps([e.ids, e.counted]).encode())
-    return digest.hexdigest()[:24]
+        key.add([e.ids, e.counted])
+    return key.hex(24)
 
 
 def cached_pass(key: str, compute: Callable[[], PassResult]) -> tuple[PassResult, bool]:
@@ -184,8 +181,6 @@ def cached_pass(key: str, compute: Callable[[], PassResult]) -> tuple[PassResult
     tensors = result.stats.to_tensors("stats.")
     if result.shift is not None:
         tensors |= result.shift.to_tensors("shift.")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
-    os.replace(tmp, path)  # a killed run leaves no half-written entry
+    # a killed run leaves no half-written entry
+    atomic_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, tmp))
     return result, False

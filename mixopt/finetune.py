@@ -16,10 +16,7 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,6 +29,7 @@ from tqdm.auto import tqdm
 from mixopt.batching import pad_right
 from mixopt.encoding import Encoded
 from mixopt.errors import MixoptError
+from mixopt.files import Digest, atomic_write
 from mixopt.recipe import ScheduleSpec
 
 CHECKPOINT = "checkpoint.pt"
@@ -81,16 +79,15 @@ def training_batch(rows: list[Encoded], pad_id: int, device: torch.device) -> tu
 
 def fingerprint(examples: list[Encoded], schedule: ScheduleSpec, seed: int) -> str:
     """What a checkpoint belongs to: the exact training data, schedule and seed."""
-    digest = hashlib.sha256(json.dumps([schedule.model_dump(), seed]).encode())
+    # key order as it always was (unsorted): a new order would orphan stored checkpoints and measurements
+    key = Digest().add([schedule.model_dump(), seed], sort_keys=False)
     for e in examples:
-        digest.update(json.dumps([e.ids, e.response]).encode())
-    return digest.hexdigest()[:16]
+        key.add([e.ids, e.response])
+    return key.hex(16)
 
 
 def _save(path: Path, state: dict[str, object]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # a run killed while saving keeps the previous checkpoint
+    atomic_write(path, lambda tmp: torch.save(state, tmp))  # a run killed while saving keeps the last one
 
 
 def _resume(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, key: str) -> FinetuneResult:

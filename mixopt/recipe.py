@@ -14,7 +14,6 @@ Example:
 from __future__ import annotations
 
 import glob
-import hashlib
 import json
 import os
 import re
@@ -26,6 +25,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from mixopt.errors import RecipeError
+from mixopt.files import text_digest
 
 Share = Annotated[float, Field(ge=0.0, le=1.0)]
 Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=64)]
@@ -249,7 +249,7 @@ class RecipeFile(Section):
         Formatting, comments and key order do not change it; any value that changes the result does.
         """
         canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(canonical.encode()).hexdigest()
+        return text_digest(canonical).hex()
 
 
 class Recipe(RecipeFile):

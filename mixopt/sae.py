@@ -9,7 +9,6 @@ resumable on-disk shards, then sae-lens's `SAETrainer` fits the SAE on them with
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -28,7 +27,8 @@ from tqdm.auto import tqdm
 from mixopt.batching import length_batches, pad_right
 from mixopt.encoding import Encoded, encode_chat, encode_text
 from mixopt.errors import SAEError
-from mixopt.model import LoadedModel, cache_dir, check_layer, files_fingerprint, load_model, residual_stream
+from mixopt.files import Digest, atomic_write, files_fingerprint
+from mixopt.model import LoadedModel, cache_dir, check_layer, load_model, residual_stream
 from mixopt.recipe import SAESpec, SAETrainRecipe
 from mixopt.sources import check_columns, describe, load_source, render
 
@@ -115,7 +115,7 @@ def activation_key(recipe: SAETrainRecipe, lm: LoadedModel) -> str:
         "seed": recipe.seed,
         "max_length": recipe.training.max_length,
     }  # not `tokens`: a longer run extends the same stream
-    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+    return Digest().add(fields).hex(16)
 
 
 @dataclass
@@ -133,8 +133,8 @@ class ActivationShards:
 
     def append(self, acts: np.ndarray, examples: int, tokens: int) -> None:
         name = self.folder / f"shard_{len(self.shards()):05d}.npy"
-        np.save(name.with_suffix(".tmp.npy"), acts.astype(np.float16))
-        os.replace(name.with_suffix(".tmp.npy"), name)
+        half = acts.astype(np.float16)
+        atomic_write(name, lambda tmp: np.save(tmp.open("wb"), half))
         # progress is written after the shard, so a crash between the two only repeats one shard's work
         (self.folder / "progress.json").write_text(json.dumps({"examples": examples, "tokens": tokens}))
 

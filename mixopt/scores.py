@@ -10,10 +10,11 @@ Example:
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+from mixopt.files import write_json
 
 
 @dataclass
@@ -68,10 +69,7 @@ class Scores:
 
     def save(self, path: str | Path) -> None:
         """Write JSON atomically (a temp file renamed into place)."""
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
-        os.replace(tmp, path)
+        write_json(Path(path), self.to_dict())
 
     def table(self) -> str:
         """Shifted latents, then domains by the recipe's score with baselines and uncertainty, as plain text."""

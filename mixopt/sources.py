@@ -11,13 +11,13 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import datasets
 import pyarrow as pa
 
 from mixopt.errors import SourceError
+from mixopt.files import Digest
 from mixopt.recipe import SourceSpec, TextTemplates, template_fields
 
 _BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -104,8 +104,8 @@ def content_hash(table: datasets.Dataset | pa.Table) -> str:
     """
     if isinstance(table, datasets.Dataset):
         table = table.with_format("arrow")[:]
-    digest = hashlib.sha256(table.schema.to_string(show_schema_metadata=False).encode())
+    digest = Digest().add_bytes(table.schema.to_string(show_schema_metadata=False).encode())
     # Re-chunk first: IPC bytes depend on chunk boundaries, which differ between equal tables.
     for batch in table.combine_chunks().to_batches(max_chunksize=65_536):
-        digest.update(batch.serialize().to_pybytes())
-    return digest.hexdigest()
+        digest.add_bytes(batch.serialize().to_pybytes())
+    return digest.hex()

@@ -13,12 +13,11 @@ solver reads. `mixopt validate --sweep` says which forecasts best on your data.
 
 from __future__ import annotations
 
-import hashlib
-
 import numpy as np
 import torch
 
 from mixopt.features import Reduction, SourceStats
+from mixopt.files import text_digest
 
 
 def shifted_latents(shift: Reduction, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,4 +93,4 @@ def random_control(stats: SourceStats, k: int, seeds: int = 5) -> float:
 
 def name_seed(seed: int, name: str) -> int:
     """A per-source seed from a content hash (the built-in string hash is salted per process)."""
-    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:4], "little")
+    return int.from_bytes(text_digest(f"{seed}:{name}")[:4], "little")
