@@ -23,9 +23,10 @@ test: install  ## fast suite (< 10 min on 2 cores); includes `mixopt check recip
 test-slow: install  ## real-model and long tests
 	$(PY) -m pytest -m slow
 
-lint: install
+lint: install  ## ruff (lint + format) and mypy on mixopt/, as CI runs them
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 check: install
 	$(MIXOPT) check recipes/

@@ -19,12 +19,15 @@ import os
 import re
 import string
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from mixopt.errors import RecipeError
+
+if TYPE_CHECKING:
+    from pydantic_core import ErrorDetails
 from mixopt.files import text_digest
 from mixopt.scores import ScorerName
 
@@ -535,7 +538,7 @@ def yaml_line(root: yaml.Node | None, loc: tuple[str | int, ...]) -> int | None:
     return line if line is not None else (root.start_mark.line + 1 if root is not None else None)
 
 
-def _friendly(error: dict[str, Any]) -> str:
+def _friendly(error: ErrorDetails) -> str:
     kind, msg = error["type"], error["msg"]
     if kind == "extra_forbidden":
         return "unknown key (check its spelling against recipes/README.md)"
@@ -547,7 +550,7 @@ def _friendly(error: dict[str, Any]) -> str:
 
 
 def _validated(data: Any, file: Path | None, base_dir: Path, yaml_root: yaml.Node | None) -> Any:
-    schema: type[BaseModel] = {"sae-train": SAETrainRecipe, "validate": ValidateRecipe}.get(data.get("kind"), Recipe)
+    schema: type[RecipeFile] = {"sae-train": SAETrainRecipe, "validate": ValidateRecipe}.get(data.get("kind"), Recipe)
     try:
         recipe = schema.model_validate(data)
     except ValidationError as err:

@@ -107,23 +107,20 @@ class Scores:
 
     def table(self) -> str:
         """Shifted latents, then domains by the recipe's score with baselines and uncertainty, as plain text."""
-        label = f"score({self.score})"
-        width = max(12, len(label))
+        from mixopt.tables import render_table
+
         top = ", ".join(f"{s['index']}({s['shift']:.3g})" for s in self.shifted_latents[:10])
-        lines = [
-            f"shifted latents (top {self.top_k} of layer {self.layer}; first 10 with shift): {top}",
-            "",
-            f"{'domain':<24} {label:>{width}} {'95% interval':>21} {'raw':>10} "
-            f"{'similarity':>10} {'tokens':>8} {'examples':>8} {'available':>9}",
-        ]
+        header = ["domain", f"score({self.score})", "95% interval", "raw", "similarity", "tokens", "examples"]
+        rows = []
         for d in [*self.ranked(), self.target]:
             lo, hi = d.interval or [float("nan")] * 2
             name = f"{d.name} (target)" if d is self.target else d.name
-            lines.append(
-                f"{name:<24} {d.score:>{width}.4g} [{lo:>9.4g},{hi:>9.4g}] {d.baseline:>10.4g} "
-                f"{d.similarity:>10.3f} {d.tokens:>8} {d.examples:>8} {d.available:>9}"
+            rows.append(
+                [name, f"{d.score:.4g}", f"[{lo:.4g}, {hi:.4g}]", f"{d.baseline:.4g}", f"{d.similarity:.3f}"]
+                + [f"{d.tokens:,}", f"{d.examples:,} of {d.available:,}"]
             )
-        return "\n".join(lines)
+        table = render_table(header, rows, right={1, 3, 4, 5, 6})
+        return f"shifted latents (top {self.top_k} of layer {self.layer}; first 10 with shift): {top}\n\n{table}"
 
     @classmethod
     def load(cls, path: str | Path) -> Scores:

@@ -39,6 +39,7 @@ from mixopt.errors import InfeasibleError, MixoptError
 from mixopt.recipe import AllocationSpec, DomainSpec
 from mixopt.scores import DomainScore, Scores
 from mixopt.stats import resampled_means
+from mixopt.tables import render_table
 
 MEAN_RISK_WEIGHT = 0.1  # minimax tie-break: weight of the mean risk beside the max
 SOLVERS = ("CLARABEL", "SCS")  # Clarabel first (exact cones, fast); SCS when Clarabel fails
@@ -126,7 +127,7 @@ class Allocation:
             raise MixoptError(f"{path}: not a mixopt allocation file ({err}); make one with `mixopt solve`") from None
 
     def table(self) -> str:
-        """A plain aligned text table: one row for the target, one per domain."""
+        """A plain text table: one row for the target, one per domain."""
         header = ["domain", "score", "count", "tokens", "share", "epochs", "binding"]
         target_tokens = "-" if self.target_tokens is None else f"{self.target_tokens:,}"
         target_share = 1.0 - sum(d.share for d in self.domains)
@@ -138,16 +139,7 @@ class Allocation:
                 share += f" (replay {d.share_interval[0]:.1%}-{d.share_interval[1]:.1%})"
             row = [d.name, f"{d.score:.4g}", f"{d.count:,}", tokens, share, f"{d.epochs:.2f}", ", ".join(d.binding)]
             rows.append(row)
-        return _aligned([header, *rows], right={1, 2, 3, 4, 5})
-
-
-def _aligned(rows: list[list[str]], right: set[int]) -> str:
-    widths = [max(len(row[j]) for row in rows) for j in range(len(rows[0]))]
-    cell = [lambda s, w: s.ljust(w), lambda s, w: s.rjust(w)]
-    return "\n".join(
-        "  ".join(cell[j in right](s, w) for j, (s, w) in enumerate(zip(row, widths, strict=True))).rstrip()
-        for row in rows
-    )
+        return render_table(header, rows, right={1, 2, 3, 4, 5})
 
 
 def limits_from_domains(domains: Sequence[DomainSpec]) -> dict[str, DomainLimits]:

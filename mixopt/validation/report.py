@@ -10,6 +10,7 @@ import numpy as np
 
 from mixopt import stats
 from mixopt.files import write_json
+from mixopt.tables import render_table
 from mixopt.validation.analysis import Cells, Record, primary_metric, reliable_metrics
 from mixopt.validation.sweep import best_row
 
@@ -31,24 +32,30 @@ def report_table(report: Record) -> str:
         f"{report['split']['eval_items']} evaluation items per domain, "
         f"{report['budget']} examples per fine-tune",
         "",
-        f"{'source':<22} {'steps':>6} {'first loss':>10} {'last 10 loss':>12} {'own NLL before':>15} {'after':>8}",
     ]
-    for name, s in report["sources"].items():
-        losses = s["finetune"]["losses"]
-        lines.append(
-            f"{name:<22} {s['finetune']['steps']:>6} {losses[0]:>10.3f} {np.mean(losses[-10:]):>12.3f} "
-            f"{s['own_nll']['before']:>15.3f} {s['own_nll']['after']:>8.3f}"
-        )
+    finetunes = [
+        [name, str(s["finetune"]["steps"]), f"{s['finetune']['losses'][0]:.3f}"]
+        + [
+            f"{np.mean(s['finetune']['losses'][-10:]):.3f}",
+            f"{s['own_nll']['before']:.3f}",
+            f"{s['own_nll']['after']:.3f}",
+        ]
+        for name, s in report["sources"].items()
+    ]
+    header = ["source", "steps", "first loss", "last 10 loss", "own NLL before", "after"]
+    lines.append(render_table(header, finetunes, right={1, 2, 3, 4, 5}))
     threshold = report["min_reliability"]
-    lines += [
-        "",
-        f"split-half reliability (Spearman-Brown; a change counts at >= {threshold:g})",
-        f"{'metric':<12} {'level':>7} {'change':>7}  counts",
+    lines += ["", f"split-half reliability (Spearman-Brown; a change counts at >= {threshold:g})"]
+    reliability = [
+        [
+            m,
+            _r(info["reliability"]["level"]),
+            _r(info["reliability"]["change_pooled"]),
+            "yes" if info["reliable"] else "no",
+        ]
+        for m, info in report["metrics"].items()
     ]
-    for m, info in report["metrics"].items():
-        rel = info["reliability"]
-        counts = "yes" if info["reliable"] else "no"
-        lines.append(f"{m:<12} {_r(rel['level']):>7} {_r(rel['change_pooled']):>7}  {counts}")
+    lines.append(render_table(["metric", "level", "change", "counts"], reliability, right={1, 2}))
     shown = reliable_metrics(report)
     if not shown:
         shown = list(report["metrics"])
@@ -65,18 +72,17 @@ def report_table(report: Record) -> str:
 def _metric_table(report: Record, metric: str) -> list[str]:
     pooled = report["correlations"][metric]["pooled"]
     n = next(iter(pooled["scores"].values()))["abs"]["n"]
+    within = report["correlations"][metric]["within"]["scores"]
+    rows = [
+        [name, _rci(corr["abs"]["pearson"]), _rci(corr["abs"]["spearman"]), _rci(corr["signed"]["pearson"])]
+        + [_rci(corr["signed"]["spearman"]), _rci(within[name]["abs"]["pearson"])]
+        for name, corr in pooled["scores"].items()
+    ]
+    header = ["score", "|change| Pearson", "|change| Spearman", "change Pearson", "change Spearman"]
     lines = [
         f"{metric}: correlation over {n} source x domain cells (95% intervals resample domains)",
-        f"{'score':<11} {'|change| Pearson':>22} {'|change| Spearman':>22} {'change Pearson':>22} "
-        f"{'change Spearman':>22}  {'within-source |change| r':>24}",
+        render_table([*header, "within-source |change| r"], rows, right={1, 2, 3, 4, 5}),
     ]
-    within = report["correlations"][metric]["within"]["scores"]
-    for name, corr in pooled["scores"].items():
-        lines.append(
-            f"{name:<11} {_rci(corr['abs']['pearson']):>22} {_rci(corr['abs']['spearman']):>22} "
-            f"{_rci(corr['signed']['pearson']):>22} {_rci(corr['signed']['spearman']):>22}  "
-            f"{_rci(within[name]['abs']['pearson']):>24}"
-        )
     for variant, corr in pooled.get("partial_given_similarity", {}).items():
         lines.append(
             f"partial r({variant}, |change| | similarity) = {_rci(corr['abs'])}; "
@@ -130,21 +136,18 @@ def compare_table(compare: Record) -> str:
     """The recipe's metric in full (every domain), then each other metric's mean and worst change; every
     run with its 95% interval over items, and the paired differences between runs."""
     primary = compare["by_metric"][compare["metric"]]
-    runs, width = primary["runs"], 28
+    runs = primary["runs"]
     names = list(runs)
+    per_domain = [[d, *(f"{runs[n]['per_domain'][d]:+.4f}" for n in names)] for d in runs[names[0]]["per_domain"]]
+    per_domain.append(["worst domain", *(runs[n]["worst"]["domain"] for n in names)])
     lines = [
         "mixture comparison at the same budget (95% intervals resample items, not fine-tune seeds)",
-        f"{'change in ' + _metric_label(primary):<34}" + "".join(f"{n:>{width}}" for n in names),
+        render_table([f"change in {_metric_label(primary)}", *names], per_domain, right=set(range(1, len(names) + 1))),
+        *_compare_rows(primary, list(COMPARE_ROWS)),
     ]
-    for d in runs[names[0]]["per_domain"]:
-        lines.append(f"{d:<34}" + "".join(f"{runs[n]['per_domain'][d]:>+{width}.4f}" for n in names))
-    lines.append(
-        f"{'worst domain':<34}" + "".join(f"{runs[n]['worst']['domain'][: width - 2]:>{width}}" for n in names)
-    )
-    lines += _compare_rows(primary, list(COMPARE_ROWS), width)
     for metric, summary in compare["by_metric"].items():
         if metric != compare["metric"]:
-            lines += ["", f"change in {_metric_label(summary)}", *_compare_rows(summary, list(COMPARE_ROWS)[:2], width)]
+            lines += ["", f"change in {_metric_label(summary)}", *_compare_rows(summary, list(COMPARE_ROWS)[:2])]
     return "\n".join(lines)
 
 
@@ -152,38 +155,42 @@ def _metric_label(summary: Record) -> str:
     return f"{summary['metric']} ({'higher' if summary['higher_is_better'] else 'lower'} is better)"
 
 
-def _compare_rows(summary: Record, keys: list[str], width: int) -> list[str]:
+def _compare_rows(summary: Record, keys: list[str]) -> list[str]:
     """Each run's statistics (one row per key), then each paired difference (one column per key)."""
     runs = summary["runs"]
-    lines = [f"{COMPARE_ROWS[k]:<34}" + "".join(f"{_vci(run[k]):>{width}}" for run in runs.values()) for k in keys]
-    lines.append(f"{'paired difference (same items)':<34}" + "".join(f"{COMPARE_ROWS[k]:>{width}}" for k in keys))
+    statistics = [[COMPARE_ROWS[k], *(_vci(run[k]) for run in runs.values())] for k in keys]
+    differences = []
     for diff in summary["differences"]:
         later, earlier = diff["runs"]
         spread = diff.get("extra_rows_vs_gain_spearman")
-        lines.append(
-            f"{'  ' + later + ' - ' + earlier:<34}"
-            + "".join(f"{_vci(diff[k], 'difference'):>{width}}" for k in keys)
-            + ("" if spread is None else f"   extra rows vs gain, Spearman over domains {_r(spread)}")
+        differences.append(
+            [f"{later} - {earlier}", *(_vci(diff[k], "difference") for k in keys)]
+            + ["" if spread is None else _r(spread)]
         )
-    return lines
+    header = ["paired difference (same items)", *(COMPARE_ROWS[k] for k in keys), "extra rows vs gain (Spearman)"]
+    return [
+        render_table(["", *runs], statistics, right=set(range(1, len(runs) + 1))),
+        render_table(header, differences, right=set(range(1, len(keys) + 2))),
+    ]
 
 
 def sweep_table(sweep: Record) -> str:
     reference = sweep.get("reference", "act")
-    lines = [
-        f"sweep: every setting against the change in {sweep['metric']} (95% intervals resample domains; "
-        f"the last column is paired, against the recipe's {reference})",
-        f"{'setting':<15} {'scorer':<11} {'|change| Pearson':>20} {'|change| Spearman':>20} "
-        f"{'within |change| Spearman':>24} {'change Pearson':>20} {'within minus ' + reference:>22}",
-    ]
+    rows = []
     for r in sweep["rows"]:
         p, w = r["pooled"], r["within"]
         versus = r.get("versus_reference", {"difference": None, "ci": [None, None]})
-        lines.append(
-            f"{r['setting']:<15} {r['scorer']:<11} {_rci(p['abs']['pearson']):>20} {_rci(p['abs']['spearman']):>20} "
-            f"{_rci(w['abs']['spearman']):>24} {_rci(p['signed']['pearson']):>20} "
-            f"{_rci({'r': versus['difference'], 'ci': versus['ci']}):>22}"
+        rows.append(
+            [r["setting"], r["scorer"], _rci(p["abs"]["pearson"]), _rci(p["abs"]["spearman"])]
+            + [_rci(w["abs"]["spearman"]), _rci(p["signed"]["pearson"])]
+            + [_rci({"r": versus["difference"], "ci": versus["ci"]})]
         )
+    header = ["setting", "scorer", "|change| Pearson", "|change| Spearman", "within |change| Spearman"]
+    lines = [
+        f"sweep: every setting against the change in {sweep['metric']} (95% intervals resample domains; "
+        f"the last column is paired, against the recipe's {reference})",
+        render_table([*header, "change Pearson", f"within minus {reference}"], rows, right={2, 3, 4, 5, 6}),
+    ]
     best = best_row(sweep)
     lines.append(f"best within-source forecaster of |change|: {best['scorer']} at {best['setting']}; {_beats(best)}")
     if sweep.get("best_across_metrics"):
