@@ -112,7 +112,11 @@ def _budget_options(command: Callable[..., Any]) -> Callable[..., Any]:
     options = [
         click.option("--budget", type=click.IntRange(min=1), help="Mixture size (overrides allocation.budget)."),
         click.option("--unit", type=click.Choice(["examples", "tokens"]), help="Budget unit."),
-        click.option("--objective", type=click.Choice(["minimax", "utility", "proportional"]), help="Objective."),
+        click.option(
+            "--objective",
+            type=click.Choice(["minimax", "protect", "utility", "proportional"]),
+            help="Objective; protect: transfer-aware, reads signed forecasts and scores.json's transfer matrix.",
+        ),
         click.option("--alpha", type=click.FloatRange(min=0, min_open=True), help="Diminishing-returns exponent."),
         click.option("--lambda", "kl_weight", type=click.FloatRange(min=0), help="KL weight towards the prior."),
         click.option("--prior", type=click.Choice(["uniform", "natural"]), help="KL anchor of minimax."),

@@ -204,7 +204,7 @@ class GroupConstraint(Section):
 class AllocationSpec(Section):
     budget: Annotated[int, Field(gt=0)] | None = None  # total mixture size; `--budget` overrides
     unit: Literal["examples", "tokens"] = "examples"
-    objective: Literal["minimax", "utility", "proportional"] = "minimax"
+    objective: Literal["minimax", "protect", "utility", "proportional"] = "minimax"
     target_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.5  # the target's share of the budget
     max_epochs: Annotated[float, Field(gt=0)] = 1.0  # no domain repeated more than this
     prior: Literal["uniform", "natural"] = "uniform"  # KL anchor of `minimax`
