@@ -32,6 +32,7 @@ class Sample:
     available: int  # rows the source offers (after max_examples)
     examples: list[Encoded]
     demos: list[tuple[str, str]] = field(default_factory=list)
+    indices: list[int] = field(default_factory=list)  # each example's row in the source (`source_index`)
 
 
 @dataclass
@@ -77,15 +78,16 @@ def sample_source(
     order = np.random.default_rng(seed).permutation(len(rows)).tolist()
     demo_rows = [rows[i] for i in order[:n_demos]]
     demos = [(r["prompt"], r["response"]) if "prompt" in r else (r["text"], "") for r in demo_rows]
-    examples, n_counted = [], 0
+    examples, indices, n_counted = [], [], 0
     for i in order[n_demos:]:
         if n_counted >= token_budget:
             break
         encoded = encode_row(lm, rows[i], max_length, tokens)
         if encoded.n_counted:
             examples.append(encoded)
+            indices.append(i)
             n_counted += encoded.n_counted
-    return Sample(len(rows), examples, demos)
+    return Sample(len(rows), examples, demos, indices)
 
 
 def mean_tokens(examples: list[Encoded]) -> tuple[float, float]:
@@ -134,6 +136,7 @@ def score_recipe(recipe: Recipe, timings: Timings | None = None) -> tuple[Scores
     samples: dict[str, Sample] = {}
     passes: dict[str, PassResult] = {}
     icl_passes: dict[str, PassResult] = {}
+    icl_samples: dict[str, Sample] = {}
     for i, domain in enumerate(recipe.domains):
         rows = rendered_rows(domain, recipe, f"domains.{i}")
         seed = sts.name_seed(recipe.seed, domain.name)
@@ -146,6 +149,7 @@ def score_recipe(recipe: Recipe, timings: Timings | None = None) -> tuple[Scores
                 rows, lm, seed, domain.icl_demos, recipe.sts.domain_tokens, recipe.sts.max_length, counted
             )
             icl_prefix = encode_demonstrations(lm.tokenizer, icl_sample.demos)
+            icl_samples[domain.name] = icl_sample
             icl_passes[domain.name] = stream(f"domain {domain.name} (icl)", icl_sample, icl_prefix)
 
     grand = torch.stack([sts.mean_residual(p.stats) for p in [target_pass, *passes.values()]]).mean(0)
@@ -178,6 +182,7 @@ def score_recipe(recipe: Recipe, timings: Timings | None = None) -> tuple[Scores
             interval=interval,
             example_scores=[round(float(s), 6) for s in per_example],
             example_tokens=[int(t) for t in tokens],
+            example_indices=(icl_samples[name] if scored == "icl" else sample).indices,  # whose rows scored
             variants=variants,
         )
 
@@ -248,10 +253,11 @@ class PlanResult:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-def _mixture_parts(recipe: Recipe, allocation: Any) -> list[Any]:
-    from mixopt.mixture import MixturePart
+def _mixture_parts(recipe: Recipe, allocation: Any, scores: Scores) -> list[Any]:
+    from mixopt.mixture import MixturePart, forecast_selection
 
     counts = {d.name: d.count for d in allocation.domains}
+    scored = {d.name: d for d in scores.domains}
     parts = [
         MixturePart(
             recipe.target.name,
@@ -262,14 +268,12 @@ def _mixture_parts(recipe: Recipe, allocation: Any) -> list[Any]:
     ]
     for i, domain in enumerate(recipe.domains):
         if counts.get(domain.name, 0) > 0:
-            parts.append(
-                MixturePart(
-                    domain.name,
-                    rendered_rows(domain, recipe, f"domains.{i}"),
-                    counts[domain.name],
-                    sts.name_seed(recipe.seed, domain.name),
-                )
-            )
+            rows, seed = rendered_rows(domain, recipe, f"domains.{i}"), sts.name_seed(recipe.seed, domain.name)
+            selection = None
+            if recipe.allocation.replay.select == "forecast":  # the domain's own rows, most hurt first
+                d = scored[domain.name]
+                selection = forecast_selection(len(rows), d.example_indices, d.example_scores, seed, scores.score)
+            parts.append(MixturePart(domain.name, rows, counts[domain.name], seed, selection))
     return parts
 
 
@@ -280,8 +284,10 @@ def manifest_record(
     context: dict[str, Any],
     written: dict[str, Any],
     seconds: dict[str, float],
+    replay: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """Everything needed to say exactly how a mixture was made (DESIGN.md section 5)."""
+    """Everything needed to say exactly how a mixture was made (DESIGN.md section 5). `replay`: each
+    drawn domain's row selection (`MixturePart.record`)."""
     from mixopt.manifest import checksums, recipe_record, versions
     from mixopt.model import BUILTIN_MODELS, builtin_gguf
     from mixopt.sae import resolve_sae_dir
@@ -331,6 +337,7 @@ def manifest_record(
         "solver": {k: v for k, v in allocation.to_dict().items() if k != "domains"},
         "allocation": [
             {"name": d.name, "count": d.count, "tokens": d.tokens, "share": d.share, "epochs": d.epochs}
+            | ({"replay": replay[d.name]} if replay and d.name in replay else {})
             for d in allocation.domains
         ],
         "dataset": written,
@@ -362,7 +369,7 @@ def plan_recipe(recipe: Recipe, out: Path, force: bool = False, dry_run: bool = 
     if dry_run:
         return PlanResult(scores, allocation, None, seconds=timings.seconds)
     with staged_output(out, force) as staged:
-        parts = _mixture_parts(recipe, allocation)
+        parts = _mixture_parts(recipe, allocation, scores)
         mixture = timings.timed("mixture", lambda: build_mixture(parts, recipe.seed))
         files = timings.timed("write", lambda: write_mixture(mixture, staged, recipe.output.formats))
         digest = content_hash(mixture)
@@ -390,9 +397,9 @@ def plan_recipe(recipe: Recipe, out: Path, force: bool = False, dry_run: bool = 
         scores.save(staged / "scores.json")
         allocation.save(staged / "allocation.json")
         written = {"rows": len(mixture), "content_sha256": digest, "schema": schema, "files": files}
-        write_json(
-            staged / "manifest.json", manifest_record(recipe, scores, allocation, context, written, timings.seconds)
-        )
+        replay = {part.name: part.record() for part in parts[1:]}  # parts[0] is the target
+        record = manifest_record(recipe, scores, allocation, context, written, timings.seconds, replay)
+        write_json(staged / "manifest.json", record)
     return PlanResult(scores, allocation, out, len(mixture), digest, timings.seconds)
 
 

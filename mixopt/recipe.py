@@ -201,6 +201,13 @@ class GroupConstraint(Section):
         return self
 
 
+class ReplaySpec(Section):
+    """Which rows of each domain are replayed (the allocation says how many)."""
+
+    # random: seeded permutations; forecast: the rows with the highest per-example forecast first
+    select: Literal["random", "forecast"] = "random"
+
+
 class AllocationSpec(Section):
     budget: Annotated[int, Field(gt=0)] | None = None  # total mixture size; `--budget` overrides
     unit: Literal["examples", "tokens"] = "examples"
@@ -214,6 +221,7 @@ class AllocationSpec(Section):
     count: Literal["response", "all"] = "response"  # which tokens a token budget counts
     groups: list[GroupConstraint] = []
     stability: Annotated[int, Field(ge=0)] = 50  # bootstrap re-solves for share intervals (0: off)
+    replay: ReplaySpec = ReplaySpec()
 
 
 class OutputSpec(Section):
