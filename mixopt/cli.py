@@ -179,6 +179,7 @@ def solve(scores: Path, recipe: Path | None, out: Path | None, **allocation: Any
     \b
     e.g. mixopt solve runs/quickstart/scores.json --budget 2000 --recipe recipes/quickstart.yaml
          mixopt solve scores.json --budget 1000000 --unit tokens --objective utility --out allocation.json
+         mixopt solve scores.json --budget 2000 --objective protect    (T: scores.json's transfer, else identity)
     """
     from mixopt.recipe import AllocationSpec, load_recipe
     from mixopt.scores import Scores

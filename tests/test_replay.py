@@ -140,3 +140,18 @@ def test_plan__each_domains_replay_rows_use_its_own_templates(protected: Path, w
             assert row["text"] == f"Court record: {sources['law'][i]}\n(law replay)"
         elif row["domain"] in sources:
             assert row["text"] == sources[row["domain"]][i]
+
+
+def test_score__each_per_example_forecast_belongs_to_the_source_row_it_names(protected: Path, workspace: Path) -> None:
+    """Independent of the ranking: each scored example's token count is its named source row's."""
+    from transformers import AutoTokenizer
+
+    from mixopt.encoding import encode_text
+
+    tokenizer = AutoTokenizer.from_pretrained(workspace.parent / "model")
+    for domain in json.loads((protected / "scores.json").read_text())["domains"]:
+        if domain["name"] == "law":  # chat: only the fixed response counts, the same for every row
+            continue
+        rows = [json.loads(line)["text"] for line in (workspace.parent / "data" / f"{domain['name']}.jsonl").open()]
+        counted = [encode_text(tokenizer, rows[i], 512).n_counted for i in domain["example_indices"]]
+        assert counted == domain["example_tokens"] and len(set(counted)) > 1

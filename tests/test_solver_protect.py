@@ -179,3 +179,17 @@ def test_solve_cli__protect_prints_the_protected_change_and_says_where_f_and_t_c
     assert result.exit_code == 0, result.output
     assert result.stdout.splitlines()[0].split()[:3] == ["domain", "score", "protected"]
     assert "T = identity" in result.stderr and "no signed forecast" in result.stderr
+
+
+@pytest.mark.parametrize("objective", ["minimax", "protect", "utility", "proportional"])
+def test_duals__of_a_binding_min_share_equal_the_objectives_finite_difference(objective: str) -> None:
+    scores = make_scores([3.0, 2.0, 0.5], available=BIG, target_available=BIG)
+
+    def solved(min_share: float):
+        limits = {"d2": DomainLimits(min_share=min_share)}
+        return solve_allocation(scores, spec(objective=objective), limits, budget=BIG)
+
+    base, raised = solved(0.4), solved(0.401)
+    slope = abs(raised.objective_value - base.objective_value) / 0.001  # utility is maximised: it falls
+    assert base.domains[2].duals["min_share"] == pytest.approx(slope, rel=5e-3)
+    assert base.domains[0].duals.get("min_share") is None
