@@ -112,7 +112,11 @@ def _budget_options(command: Callable[..., Any]) -> Callable[..., Any]:
     options = [
         click.option("--budget", type=click.IntRange(min=1), help="Mixture size (overrides allocation.budget)."),
         click.option("--unit", type=click.Choice(["examples", "tokens"]), help="Budget unit."),
-        click.option("--objective", type=click.Choice(["minimax", "utility", "proportional"]), help="Objective."),
+        click.option(
+            "--objective",
+            type=click.Choice(["minimax", "protect", "utility", "proportional"]),
+            help="Objective; protect: transfer-aware, reads signed forecasts and scores.json's transfer matrix.",
+        ),
         click.option("--alpha", type=click.FloatRange(min=0, min_open=True), help="Diminishing-returns exponent."),
         click.option("--lambda", "kl_weight", type=click.FloatRange(min=0), help="KL weight towards the prior."),
         click.option("--prior", type=click.Choice(["uniform", "natural"]), help="KL anchor of minimax."),
@@ -175,6 +179,7 @@ def solve(scores: Path, recipe: Path | None, out: Path | None, **allocation: Any
     \b
     e.g. mixopt solve runs/quickstart/scores.json --budget 2000 --recipe recipes/quickstart.yaml
          mixopt solve scores.json --budget 1000000 --unit tokens --objective utility --out allocation.json
+         mixopt solve scores.json --budget 2000 --objective protect    (T: scores.json's transfer, else identity)
     """
     from mixopt.recipe import AllocationSpec, load_recipe
     from mixopt.scores import Scores

@@ -82,8 +82,10 @@ def manifest_record(
     context: dict[str, Any],
     written: dict[str, Any],
     seconds: dict[str, float],
+    replay: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """Everything needed to say exactly how a mixture was made (DESIGN.md section 5)."""
+    """Everything needed to say exactly how a mixture was made (DESIGN.md section 5). `replay`: each
+    drawn domain's row selection (`MixturePart.record`)."""
     from mixopt.model import BUILTIN_MODELS, builtin_gguf
     from mixopt.sae import resolve_sae_dir
 
@@ -132,6 +134,7 @@ def manifest_record(
         "solver": {k: v for k, v in allocation.to_dict().items() if k != "domains"},
         "allocation": [
             {"name": d.name, "count": d.count, "tokens": d.tokens, "share": d.share, "epochs": d.epochs}
+            | ({"replay": replay[d.name]} if replay and d.name in replay else {})
             for d in allocation.domains
         ],
         "dataset": written,

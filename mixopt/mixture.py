@@ -1,8 +1,12 @@
 """Mixture: the allocated rows of every domain (and the target) as one seeded Hugging Face dataset.
 
 Each part (a domain or the target) gives its rendered rows (`prompt`/`response` or `text` columns, from
-`mixopt.sources.render`) and a count. `select_examples` draws the count from a seeded permutation,
-repeating whole epochs when the count exceeds the source; `build_mixture` renders every part to one
+`mixopt.sources.render` with the part's own templates, so replay rows keep the format the capability is
+used in) and a count. `select_examples` draws the count from a seeded permutation, repeating whole epochs
+when the count exceeds the source; a part with a `Selection` (recipe `allocation.replay.select: forecast`,
+`forecast_selection`) draws its rows in rank order instead: the rows with the highest per-example forecast
+first (the scorer's `example_scores`, higher = more exposed; ties by source index), then the rows that
+were not scored, in seeded order. `build_mixture` renders every part to one
 schema (`messages` when all parts are chat, else `text`), tags rows with `domain` and `source_index`,
 shuffles them together. The draws and the shuffle are numpy index arrays; one Arrow `take` then gathers
 every row's text straight into mixture order, never a Python loop over rows. Same parts + seed -> the same
@@ -41,6 +45,7 @@ from mixopt.errors import MixoptError
 
 if TYPE_CHECKING:
     from mixopt.recipe import Recipe
+    from mixopt.scores import Scores
     from mixopt.solver import Allocation
 
 Schema = Literal["messages", "text"]
@@ -60,6 +65,30 @@ FEATURES: dict[str, datasets.Features] = {
 
 
 @dataclass
+class Selection:
+    """Which rows of a part are replayed first (recipe `allocation.replay.select: forecast`).
+
+    Every source row once, in the order they are replayed: a count of k draws the first k (the rows the
+    fine-tune is forecast to hurt most), a count above the source's size repeats whole rankings.
+    """
+
+    ranking: np.ndarray  # (n,) int64 source indices, first replayed first
+    forecasts: dict[int, float]  # source index -> its per-example forecast, for the rows that have one
+    scorer: str  # the scorer whose per-example values ranked the rows
+
+    def record(self, count: int) -> dict[str, object]:
+        """For the manifest: the drawn rows that had a forecast, in rank order, and how many had none."""
+        drawn = self.ranking[: min(count, self.ranking.size)]
+        ranked = [[int(i), self.forecasts[int(i)]] for i in drawn if int(i) in self.forecasts]
+        return {
+            "select": "forecast",
+            "scorer": self.scorer,
+            "rows_with_forecast": ranked,  # [source_index, forecast], highest forecast first
+            "rows_without_forecast": int(drawn.size - len(ranked)),  # after them, in seeded random order
+        }
+
+
+@dataclass
 class MixturePart:
     """One domain (or the target) of the mixture: its rendered rows and how many of them to draw."""
 
@@ -67,9 +96,63 @@ class MixturePart:
     rows: datasets.Dataset  # rendered: `prompt` + `response`, or `text`
     count: int  # examples to draw; above len(rows) whole epochs repeat
     seed: int  # the draw's seed, e.g. mixopt.sts.name_seed(recipe.seed, name): parts draw independently
+    selection: Selection | None = None  # None: random rows (seeded permutations); else highest forecast first
+
+    def draw(self) -> np.ndarray:
+        """(count,) int64 source indices: whole epochs first, each a seeded permutation or the ranking."""
+        if self.selection is None:
+            return epoch_indices(len(self.rows), self.count, self.seed)
+        return ranked_indices(self.selection.ranking, self.count)
+
+    def record(self) -> dict[str, object]:
+        """How the rows were chosen, for the manifest's domain record."""
+        return {"select": "random", "seed": self.seed} if self.selection is None else self.selection.record(self.count)
 
 
 # ------------------------------------------------------------------------------------------- selection
+
+
+def forecast_selection(
+    n: int, indices: Sequence[int], forecasts: Sequence[float], seed: int, scorer: str = ""
+) -> Selection:
+    """Rank a part's `n` source rows for replay: the rows with a per-example forecast (`indices`, their
+    source rows, and `forecasts`) by forecast, highest first, ties by lower source index; then the rows
+    without one (not scored) in seeded random order.
+
+    >>> forecast_selection(5, [3, 1, 4], [0.2, 0.9, 0.2], seed=0).ranking[:3].tolist()
+    [1, 3, 4]
+    """
+    idx = np.asarray(indices, dtype=np.int64)  # (k,)
+    values = np.asarray(forecasts, dtype=float)  # (k,)
+    if idx.shape != values.shape:
+        raise MixoptError(f"{idx.size} source indices for {values.size} per-example forecasts; re-run `mixopt score`")
+    if idx.size and (idx.min() < 0 or idx.max() >= n or np.unique(idx).size != idx.size):
+        raise MixoptError(f"per-example forecasts name rows outside 0..{n - 1} or twice; re-run `mixopt score`")
+    if not np.isfinite(values).all():
+        raise MixoptError("per-example forecasts are not all finite; re-run `mixopt score`")
+    ranked = idx[np.lexsort((idx, -values))]  # last key first: forecast descending, then source index
+    rest = np.random.default_rng(seed).permutation(n)
+    rest = rest[~np.isin(rest, idx)]
+    return Selection(
+        np.concatenate([ranked, rest]).astype(np.int64),
+        {int(i): float(v) for i, v in zip(idx, values, strict=True)},
+        scorer,
+    )
+
+
+def ranked_indices(ranking: np.ndarray, count: int) -> np.ndarray:
+    """(count,) int64: whole repeats of `ranking`, then its head. Every row appears floor(count / n) or
+    ceil(count / n) times, the first-ranked rows the extra time; a smaller count is a prefix of a larger one.
+
+    >>> ranked_indices(np.array([2, 0, 1]), 4).tolist()
+    [2, 0, 1, 2]
+    """
+    if count < 0:
+        raise MixoptError(f"cannot draw a negative number of examples ({count})")
+    if count and ranking.size == 0:
+        raise MixoptError(f"cannot draw {count} examples from an empty source; give the domain some rows")
+    full, rest = divmod(count, ranking.size) if ranking.size else (0, 0)
+    return np.concatenate([np.tile(ranking, full), ranking[:rest]]).astype(np.int64)
 
 
 def epoch_indices(n: int, count: int, seed: int) -> np.ndarray:
@@ -150,7 +233,7 @@ def _source(part: MixturePart, columns: list[str]) -> _Source:
     A dataset that was `select`ed or shuffled keeps its rows in place behind an indices mapping; the draw goes
     through it, so a few rows drawn from a big (memory-mapped) source never load the rest.
     """
-    draw = epoch_indices(len(part.rows), part.count, part.seed)
+    draw = part.draw()
     table = part.rows.data.table
     chunks = {name: table.column(name).chunks for name in columns}
     size = sum(c.nbytes for name in columns for c in chunks[name])
@@ -288,8 +371,9 @@ def build_mixture(parts: Sequence[MixturePart], seed: int) -> datasets.Dataset:
         schema=features.arrow_schema,
     )
     # datasets would hash the whole table for a fingerprint; the parts' own fingerprints and the draw say the same
+    ranked = [Hasher.hash(p.selection.ranking.tobytes()) for p in drawn if p.selection is not None]
     fingerprint = Hasher.hash(
-        ["mixopt.mixture", schema, seed, [(p.name, p.count, p.seed, p.rows._fingerprint) for p in drawn]]
+        ["mixopt.mixture", schema, seed, [(p.name, p.count, p.seed, p.rows._fingerprint) for p in drawn], *ranked]
     )
     return datasets.Dataset(table, info=datasets.DatasetInfo(features=features), fingerprint=fingerprint)
 
@@ -371,12 +455,14 @@ def write_mixture(ds: datasets.Dataset, out: Path, formats: Sequence[str]) -> di
     return written
 
 
-def mixture_parts(recipe: Recipe, allocation: Allocation) -> list[MixturePart]:
-    """The target and every domain with a nonzero count, rendered, each with its own seeded draw."""
+def mixture_parts(recipe: Recipe, allocation: Allocation, scores: Scores) -> list[MixturePart]:
+    """The target and every domain with a nonzero count, rendered, each with its own seeded draw; with
+    `allocation.replay.select: forecast`, a domain's rows most hurt by the forecast come first."""
     from mixopt.sources import rendered_rows
     from mixopt.sts import name_seed
 
     counts = {d.name: d.count for d in allocation.domains}
+    scored = {d.name: d for d in scores.domains}
     parts = [
         MixturePart(
             recipe.target.name,
@@ -387,12 +473,10 @@ def mixture_parts(recipe: Recipe, allocation: Allocation) -> list[MixturePart]:
     ]
     for i, domain in enumerate(recipe.domains):
         if counts.get(domain.name, 0) > 0:
-            parts.append(
-                MixturePart(
-                    domain.name,
-                    rendered_rows(domain, recipe, f"domains.{i}"),
-                    counts[domain.name],
-                    name_seed(recipe.seed, domain.name),
-                )
-            )
+            rows, seed = rendered_rows(domain, recipe, f"domains.{i}"), name_seed(recipe.seed, domain.name)
+            selection = None
+            if recipe.allocation.replay.select == "forecast":  # the domain's own rows, most hurt first
+                d = scored[domain.name]
+                selection = forecast_selection(len(rows), d.example_indices, d.example_scores, seed, scores.score)
+            parts.append(MixturePart(domain.name, rows, counts[domain.name], seed, selection))
     return parts

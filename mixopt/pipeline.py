@@ -34,6 +34,7 @@ class Sample:
     available: int  # rows the source offers (after max_examples)
     examples: list[Encoded]
     demos: list[tuple[str, str]] = field(default_factory=list)
+    indices: list[int] = field(default_factory=list)  # each example's row in the source (`source_index`)
 
 
 @dataclass
@@ -71,15 +72,16 @@ def sample_source(
     order = np.random.default_rng(seed).permutation(len(rows)).tolist()
     demo_rows = [rows[i] for i in order[:n_demos]]
     demos = [(r["prompt"], r["response"]) if "prompt" in r else (r["text"], "") for r in demo_rows]
-    examples, n_counted = [], 0
+    examples, indices, n_counted = [], [], 0
     for i in order[n_demos:]:
         if n_counted >= token_budget:
             break
         encoded = encode_row(lm, rows[i], max_length, tokens)
         if encoded.n_counted:
             examples.append(encoded)
+            indices.append(i)
             n_counted += encoded.n_counted
-    return Sample(len(rows), examples, demos)
+    return Sample(len(rows), examples, demos, indices)
 
 
 def mean_tokens(examples: list[Encoded]) -> tuple[float, float]:
@@ -180,6 +182,7 @@ def score_datasets(
     samples: dict[str, Sample] = {}
     passes: dict[str, PassResult] = {}
     icl_passes: dict[str, PassResult] = {}
+    icl_samples: dict[str, Sample] = {}
     for domain in domains:
         samples[domain.name] = sample_source(
             domain.rows, lm, domain.seed, 0, spec.domain_tokens, spec.max_length, counted
@@ -190,6 +193,7 @@ def score_datasets(
                 domain.rows, lm, domain.seed, domain.icl_demos, spec.domain_tokens, spec.max_length, counted
             )
             icl_prefix = encode_demonstrations(lm.tokenizer, icl_sample.demos)
+            icl_samples[domain.name] = icl_sample
             icl_passes[domain.name] = stream(f"domain {domain.name} (icl)", icl_sample, icl_prefix)
 
     grand = torch.stack([sts.mean_residual(p.stats) for p in [target_pass, *passes.values()]]).mean(0)
@@ -222,6 +226,7 @@ def score_datasets(
             interval=interval,
             example_scores=[round(float(s), 6) for s in per_example],
             example_tokens=[int(t) for t in tokens],
+            example_indices=(icl_samples[name] if scored == "icl" else sample).indices,  # whose rows scored
             variants=variants,
         )
 
@@ -303,7 +308,7 @@ def plan_recipe(recipe: Recipe, out: Path, force: bool = False, dry_run: bool = 
     if dry_run:
         return PlanResult(scores, allocation, None, seconds=timings.seconds)
     with staged_output(out, force) as staged:
-        parts = mixture_parts(recipe, allocation)
+        parts = mixture_parts(recipe, allocation, scores)
         mixture = timings.timed("mixture", lambda: build_mixture(parts, recipe.seed))
         files = timings.timed("write", lambda: write_mixture(mixture, staged, recipe.output.formats))
         digest = content_hash(mixture)
@@ -331,7 +336,7 @@ def plan_recipe(recipe: Recipe, out: Path, force: bool = False, dry_run: bool = 
         scores.save(staged / "scores.json")
         allocation.save(staged / "allocation.json")
         written = {"rows": len(mixture), "content_sha256": digest, "schema": schema, "files": files}
-        write_json(
-            staged / "manifest.json", manifest_record(recipe, scores, allocation, context, written, timings.seconds)
-        )
+        replay = {part.name: part.record() for part in parts[1:]}  # parts[0] is the target
+        record = manifest_record(recipe, scores, allocation, context, written, timings.seconds, replay)
+        write_json(staged / "manifest.json", record)
     return PlanResult(scores, allocation, out, len(mixture), digest, timings.seconds)

@@ -205,10 +205,17 @@ class GroupConstraint(Section):
         return self
 
 
+class ReplaySpec(Section):
+    """Which rows of each domain are replayed (the allocation says how many)."""
+
+    # random: seeded permutations; forecast: the rows with the highest per-example forecast first
+    select: Literal["random", "forecast"] = "random"
+
+
 class AllocationSpec(Section):
     budget: Annotated[int, Field(gt=0)] | None = None  # total mixture size; `--budget` overrides
     unit: Literal["examples", "tokens"] = "examples"
-    objective: Literal["minimax", "utility", "proportional"] = "minimax"
+    objective: Literal["minimax", "protect", "utility", "proportional"] = "minimax"
     target_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.5  # the target's share of the budget
     max_epochs: Annotated[float, Field(gt=0)] = 1.0  # no domain repeated more than this
     prior: Literal["uniform", "natural"] = "uniform"  # KL anchor of `minimax`
@@ -218,6 +225,7 @@ class AllocationSpec(Section):
     count: Literal["response", "all"] = "response"  # which tokens a token budget counts
     groups: list[GroupConstraint] = []
     stability: Annotated[int, Field(ge=0)] = 50  # bootstrap re-solves for share intervals (0: off)
+    replay: ReplaySpec = ReplaySpec()
 
 
 class OutputSpec(Section):

@@ -29,6 +29,7 @@ class Scorer:
     sts: bool  # an STS variant: validation reports its partial correlation given `similarity`
     reads_shift: bool  # depends on the shifted latents, so k and m move it (the validation sweep)
     selectable: bool = True  # a recipe may allocate by it (`random` is a control, never a forecast)
+    signed: bool = False  # a signed forecast of the change (positive = worse), not a magnitude
 
 
 # THE list of scorers: recipes, pipeline, validation and sweep all read it.
@@ -62,6 +63,7 @@ class DomainScore:
     interval: list[float] | None = None  # bootstrap 95% interval of `score`
     example_scores: list[float] = field(default_factory=list)  # each scored example's own score
     example_tokens: list[int] = field(default_factory=list)  # its token count (weights for the mean)
+    example_indices: list[int] = field(default_factory=list)  # its row in the domain's source (`source_index`)
     variants: dict[str, float] = field(default_factory=dict)  # every score computed, by name
 
     @classmethod
@@ -70,6 +72,23 @@ class DomainScore:
             data = {**data, "score": data["sts"]}
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass
+class Transfer:
+    """Replay transfer between domains, read by the `protect` objective (mixopt.solver).
+
+    matrix[i][j]: how much replay from domains[i] lowers domains[j]'s forecast change (e.g. inner products
+    of the domains' loss gradients). Any scale: the solver divides by the mean diagonal, so only the ratios
+    of cross-transfer to self-transfer count. Negative entries (replay that hurts another domain) are allowed.
+    """
+
+    domains: list[str]  # (n,) names, the matrix's row and column order
+    matrix: list[list[float]]  # (n, n)
+    source: str = ""  # how it was made, e.g. "grad: projected gradient inner products"
+
+
+SIGNED_SCORERS = frozenset(n for n, s in SCORERS.items() if s.signed)  # the solver reads their sign
 
 
 @dataclass
@@ -83,6 +102,7 @@ class Scores:
     shifted_latents: list[dict[str, float]]  # [{index, shift}], largest shift first
     target: DomainScore  # the fine-tuning data itself (sts = its own score)
     domains: list[DomainScore]
+    transfer: Transfer | None = None  # absent in older files and for scorers that make none: identity
     version: int = SCORES_VERSION
 
     def ranked(self) -> list[DomainScore]:
@@ -99,6 +119,8 @@ class Scores:
         data["version"] = SCORES_VERSION  # read in the current form
         data["target"] = DomainScore.from_dict(data["target"])
         data["domains"] = [DomainScore.from_dict(d) for d in data["domains"]]
+        if data.get("transfer") is not None:
+            data["transfer"] = Transfer(**data["transfer"])
         return cls(**data)
 
     def save(self, path: str | Path) -> None:

@@ -5,6 +5,8 @@ domains. The convex problem is written in replay shares p = x / R (x: examples o
 so its numbers do not depend on the budget's unit or size (`_build_model` solves it in z = n p):
 
     minimise    max_i w_i (1 + x_i / c)^(-alpha) + lambda KL(p || prior)        (`minimax`)
+    minimise    max_j d_j + 0.1 mean_j d_j + lambda KL(p || prior),             (`protect`)
+                    d_j = f_j / s - sum_i (x_i / c) T_ij
     maximise    sum_i w_i log(1 + x_i / c)                                      (`utility`)
     minimise    || p - w ||^2                                                   (`proportional`)
     subject to  sum_i p_i = 1,  min_share_i <= p_i <= max_share_i,
@@ -12,6 +14,29 @@ so its numbers do not depend on the budget's unit or size (`_build_model` solves
 
 with risk weights w = normalised STS (`risk_weights`) and scale c (default R / n). The continuous
 solution is rounded to whole examples (`round_to_budget`). No torch import: `mixopt solve` stays fast.
+
+`protect` (DESIGN.md section 4, transfer-aware): d_j is domain j's forecast change left after replay.
+- f_j: the scores' value for domain j (`DomainScore.score`). For `probe` and `grad` that is the signed
+  forecast change of j's loss (positive = worse); for the other scorers, which forecast no sign, it is the
+  score itself (higher = more exposed), and the solver record says so. The objective does not change when
+  a constant is added to every f (max and mean move alike), so only the differences between domains and
+  their size against T count: f is divided by its range s = max f - min f (1 when all f are equal).
+- T_ij: how much replay from domain i lowers domain j's change (`Scores.transfer`: e.g. inner products of
+  the domains' loss gradients); identity when the scores carry none (each domain protected only by its
+  own replay; the record says so). T is divided by its mean diagonal, so its units never matter.
+- Units, together: x_i / c counts replay in units of c (default R / n, the uniform amount), so with the
+  normalised T, replaying c of a domain lowers its own change by one range of f on average. With T = I
+  and every f within one range, the optimum equalises d_j across domains: shares are linear in f, from
+  about 0 (least exposed) to about 2 / n (most). `scale` trades this off: a larger c gives a unit of
+  replay less effect, so replay concentrates on the most exposed domains.
+- The mean term: the average change left; with T = I it is a constant (the shares sum to 1) and orders
+  nothing. It counts when T carries cross-transfer: replay that helps many domains lowers it.
+- The calibration between f and T is not kept (each is normalised on its own), because the forecasts
+  and the transfer come from different measurements (the target's update vs the domains' gradients).
+- LP in z = n p, written with an epigraph (d_j <= worst) so that the duals of its rows, the weight of
+  each domain in the worst case (summing to 1), are reported (`DomainAllocation.duals["worst"]`); the KL
+  term adds an exponential cone. With lambda > 0 every domain keeps some share (the KL's slope is
+  infinite at 0); with lambda = 0 a domain with no forecast change and no transfer gets its min share.
 
 Example:
     >>> from mixopt.scores import Scores
@@ -37,7 +62,7 @@ import scipy.sparse as sp
 
 from mixopt.errors import InfeasibleError, MixoptError
 from mixopt.recipe import AllocationSpec, DomainSpec
-from mixopt.scores import DomainScore, Scores
+from mixopt.scores import SIGNED_SCORERS, DomainScore, Scores, Transfer
 from mixopt.stats import resampled_means
 from mixopt.tables import render_table
 
@@ -50,6 +75,7 @@ ACTIVE_RTOL, ACTIVE_ATOL = 1e-4, 1e-9  # a share this close to its bound counts 
 DPP_MAX_DOMAINS = 1_000  # above this, cvxpy's DPP compile costs more than it saves (8-13 s at n=10,000)
 RESOLVE_MAX_DOMAINS = 2_000  # above this, only the point solution: no bootstrap, no sensitivity re-solves
 TOLERANCE = 1e-9
+DUAL_ATOL = 1e-6  # duals below this are an interior-point solver's zeros
 
 
 @dataclass
@@ -72,6 +98,8 @@ class DomainAllocation:
     epochs: float  # count / available
     binding: list[str] = field(default_factory=list)  # constraints at their bound: "max_epochs", "group:stem"
     share_interval: list[float] | None = None  # bootstrap 2.5-97.5 percentile of replay_share
+    duals: dict[str, float] = field(default_factory=dict)  # non-zero duals by constraint ("worst": protect's)
+    protected_change: float | None = None  # protect: f - s (x / c) T for this mixture, in the forecast's units
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DomainAllocation:
@@ -105,8 +133,9 @@ class Allocation:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         for domain in data["domains"]:
-            if domain["share_interval"] is None:
-                del domain["share_interval"]
+            for key in ("share_interval", "protected_change"):
+                if domain[key] is None:
+                    del domain[key]
         return data
 
     @classmethod
@@ -128,18 +157,21 @@ class Allocation:
 
     def table(self) -> str:
         """A plain text table: one row for the target, one per domain."""
-        header = ["domain", "score", "count", "tokens", "share", "epochs", "binding"]
+        protect = any(d.protected_change is not None for d in self.domains)
+        header = ["domain", "score", *(["protected"] if protect else []), "count", "tokens", "share", "epochs"]
         target_tokens = "-" if self.target_tokens is None else f"{self.target_tokens:,}"
         target_share = 1.0 - sum(d.share for d in self.domains)
-        rows = [["(target)", "-", f"{self.target_count:,}", target_tokens, f"{target_share:.1%}", "-", ""]]
+        target = ["(target)", "-", *(["-"] if protect else []), f"{self.target_count:,}", target_tokens]
+        rows = [[*target, f"{target_share:.1%}", "-", ""]]
         for d in self.domains:
             tokens = "-" if d.tokens is None else f"{d.tokens:,}"
             share = f"{d.share:.1%}"
             if d.share_interval is not None:  # the interval is of the replay share
                 share += f" (replay {d.share_interval[0]:.1%}-{d.share_interval[1]:.1%})"
-            row = [d.name, f"{d.score:.4g}", f"{d.count:,}", tokens, share, f"{d.epochs:.2f}", ", ".join(d.binding)]
-            rows.append(row)
-        return render_table(header, rows, right={1, 2, 3, 4, 5})
+            change = [f"{d.protected_change:.4g}"] if protect else []  # f - transfer received
+            row = [d.name, f"{d.score:.4g}", *change, f"{d.count:,}", tokens, share, f"{d.epochs:.2f}"]
+            rows.append([*row, ", ".join(d.binding)])
+        return render_table([*header, "binding"], rows, right=set(range(1, len(header))))
 
 
 def limits_from_domains(domains: Sequence[DomainSpec]) -> dict[str, DomainLimits]:
@@ -366,6 +398,64 @@ def _target_part(spec: AllocationSpec, budget: int, mean_tokens: float | None) -
 
 
 @dataclass
+class Protect:
+    """What the `protect` objective reads, normalised as the module docstring says."""
+
+    forecast: np.ndarray  # (n,) f / s
+    scale: float  # s = max f - min f, the forecasts' range (1 when every f is equal)
+    transfer: np.ndarray | None  # (n, n) T / mean diag(T), in the scores' order; None: the identity
+    origin: str  # where T came from, for the solver record
+    notes: list[str]
+
+
+def protect_inputs(scores: Scores) -> Protect:
+    """f from the scores' values, T from their `transfer` (identity when absent), both normalised.
+
+    Raises MixoptError when the transfer matrix does not fit the domains.
+    """
+    names = [d.name for d in scores.domains]
+    f = np.array([d.score for d in scores.domains], dtype=float)  # (n,)
+    spread = float(f.max() - f.min())
+    scale = spread if spread > 0 else 1.0
+    notes = []
+    if scores.score not in SIGNED_SCORERS:
+        notes.append(
+            f"protect: the '{scores.score}' score is no signed forecast; f = its value (higher = more exposed)"
+        )
+    if scores.transfer is None:
+        notes.append("protect: the scores carry no transfer matrix; T = identity (no cross-domain transfer)")
+        return Protect(f / scale, scale, None, "identity", notes)
+    matrix = _transfer_matrix(scores.transfer, names)  # (n, n)
+    diagonal = float(np.mean(np.diag(matrix)))
+    if not diagonal > 0:
+        raise MixoptError(
+            f"scores.json transfer: the matrix's mean diagonal is {diagonal:.3g}; it must be positive "
+            "(a domain's own replay lowers its own forecast change); re-run `mixopt score`"
+        )
+    origin = f"scores ({scores.transfer.source or 'no source given'}), divided by its mean diagonal {diagonal:.4g}"
+    return Protect(f / scale, scale, matrix / diagonal, origin, notes)
+
+
+def _transfer_matrix(transfer: Transfer, names: Sequence[str]) -> np.ndarray:
+    """(n, n) the transfer matrix with rows and columns in `names` order."""
+    where = "scores.json transfer"
+    if missing := [n for n in names if n not in transfer.domains]:
+        raise MixoptError(f"{where}: no row for domains {', '.join(missing)}; re-run `mixopt score` with this recipe")
+    if extra := sorted(set(transfer.domains) - set(names)):
+        raise MixoptError(f"{where}: rows for unscored domains {', '.join(extra)}; re-run `mixopt score`")
+    if len(set(transfer.domains)) != len(transfer.domains):
+        raise MixoptError(f"{where}: domains are repeated; each domain needs exactly one row and column")
+    matrix = np.asarray(transfer.matrix, dtype=float)
+    k = len(transfer.domains)
+    if matrix.shape != (k, k):
+        raise MixoptError(f"{where}: matrix is {matrix.shape}, expected {k} x {k} (one row and column per domain)")
+    if not np.isfinite(matrix).all():
+        raise MixoptError(f"{where}: the matrix has non-finite entries; re-run `mixopt score`")
+    order = [transfer.domains.index(n) for n in names]
+    return matrix[np.ix_(order, order)]
+
+
+@dataclass
 class _Problem:
     """The allocation in replay shares p = x / R: every array is (n,), every share a fraction of R."""
 
@@ -379,6 +469,7 @@ class _Problem:
     group_lower: np.ndarray  # (groups,)
     group_upper: np.ndarray  # (groups,)
     group_tags: list[str]
+    protect: Protect | None = None  # the `protect` objective's forecasts and transfer; None for the others
 
 
 @dataclass
@@ -387,12 +478,40 @@ class _Model:
 
     problem: cp.Problem
     z: cp.Variable  # n p: replay shares relative to uniform
-    weights: cp.Parameter  # n w: set by the bootstrap through `set_weights`
+    weights: cp.Parameter  # n w: set by the bootstrap through `set_scores`
     kl_weight: cp.Parameter  # lambda: set by the sensitivity
     value_scale: float  # objective in z units / objective in p units
+    constraints: list[tuple[str, cp.Constraint]]  # (family, constraint): whose duals `duals` reads
+    forecast: cp.Parameter | None = None  # f / s of `protect`: set by the bootstrap through `set_scores`
+    forecast_scale: float = 1.0  # s of `protect`
 
-    def set_weights(self, weights: np.ndarray) -> None:
-        self.weights.value = len(weights) * weights
+    def set_scores(self, sts: np.ndarray) -> None:
+        """Re-weight from a (bootstrap) row of scores: risk weights, or the forecast f / s of `protect`."""
+        self.weights.value = len(sts) * risk_weights(sts)
+        if self.forecast is not None:
+            self.forecast.value = np.asarray(sts, dtype=float) / self.forecast_scale
+
+    def duals(self, membership: sp.csr_matrix, tags: Sequence[str]) -> list[dict[str, float]]:
+        """Each domain's non-zero duals, per unit of replay share, in the objective's units (first order:
+        how much the objective would improve if that bound moved by a whole replay share); "worst" is the
+        domain's weight in the worst case of `protect` (these weights sum to 1). A group's dual is on each member.
+        """
+        n = self.z.size
+        per_domain: list[dict[str, float]] = [{} for _ in range(n)]
+        for family, constraint in self.constraints:
+            if constraint.dual_value is None:
+                continue
+            dual = np.abs(np.atleast_1d(np.asarray(constraint.dual_value, dtype=float)))
+            if family == "worst":  # protect's epigraph rows: weights of the worst case, unscaled
+                values = [(j, family, dual[j]) for j in range(n)]
+            elif family.startswith("group"):  # (groups,): a bound in p is a bound n times as big in z
+                values = [(j, f"group:{tags[g]}", dual[g] * n) for g in range(dual.size) for j in membership[g].indices]
+            else:  # (n,)
+                values = [(j, family, dual[j] * n) for j in range(n)]
+            for j, name, value in values:
+                if value / self.value_scale > DUAL_ATOL:
+                    per_domain[j][name] = float(f"{value / self.value_scale:.6g}")
+        return per_domain
 
     def solve(self, dpp: bool) -> tuple[str, str]:
         """(solver, status); Clarabel first, SCS when Clarabel errs or cannot decide."""
@@ -428,14 +547,28 @@ def _build_model(
     w = cp.Parameter(n, nonneg=True, value=n * prob.weights)  # n w, mean 1
     lam = cp.Parameter(nonneg=True, value=kl_weight)
     x_over_c = prob.ratio / n * z  # x / c = (R / c) p
+    kl = cp.sum(cp.rel_entr(z, n * prob.prior)) / n  # KL(p || prior) = (1/n) sum_i z_i log(z_i / (n prior_i))
     scale = float(n)
+    extra: list[tuple[str, cp.Constraint]] = []
+    forecast = None
     if objective == "minimax":
         # Risk weights n w have mean 1, so the risk term is O(1) at any n and lambda keeps one meaning; with
         # w summing to 1 the KL term would swamp the risk as n grows. The small mean-risk term orders the
         # domains that the max no longer sees once the most exposed one sits at a cap.
         risk = cp.multiply(w, cp.power(1 + x_over_c, -alpha))  # (n,) n w_i (1 + x_i/c)^-alpha
-        kl = cp.sum(cp.rel_entr(z, n * prob.prior)) / n  # KL(p || prior) = (1/n) sum_i z_i log(z_i / (n prior_i))
         goal, scale = cp.Minimize(cp.max(risk) + MEAN_RISK_WEIGHT * cp.sum(risk) / n + lam * kl), 1.0
+    elif objective == "protect":
+        if prob.protect is None:
+            raise MixoptError("the protect objective needs its forecasts; build the problem with objective 'protect'")
+        # The max written as an epigraph (worst >= each protected change) so that its duals, the weight of
+        # each domain in the worst case, can be read back. Linear in z: an LP, plus the KL's exponential cone.
+        forecast = cp.Parameter(n, value=prob.protect.forecast)  # (n,) f / s
+        transfer = prob.protect.transfer  # identity: elementwise (a sparse identity compiles 10x slower)
+        received = x_over_c if transfer is None else x_over_c @ transfer  # (n,) sum_i (x_i/c) T_ij
+        protected = forecast - received  # (n,) d_j
+        worst = cp.Variable()
+        extra = [("worst", protected <= worst)]
+        goal, scale = cp.Minimize(worst + MEAN_RISK_WEIGHT * cp.sum(protected) / n + lam * kl), 1.0
     elif objective == "utility":
         goal = cp.Maximize(w @ cp.log(1 + x_over_c))  # n sum_i w_i log(1 + x_i/c)
     elif objective == "proportional":
@@ -443,27 +576,28 @@ def _build_model(
     elif objective == "feasibility":
         goal = cp.Minimize(0)
     else:
-        raise MixoptError(f"unknown objective '{objective}'; use minimax, utility or proportional")
-    constraints = [cp.sum(z) == n, *_constraints(prob, z, families)]
-    return _Model(cp.Problem(goal, constraints), z, w, lam, scale)
+        raise MixoptError(f"unknown objective '{objective}'; use minimax, protect, utility or proportional")
+    named = [*_constraints(prob, z, families), *extra]
+    problem = cp.Problem(goal, [cp.sum(z) == n, *(c for _, c in named)])
+    s = prob.protect.scale if prob.protect is not None else 1.0
+    return _Model(problem, z, w, lam, scale, named, forecast, s)
 
 
-def _constraints(prob: _Problem, z: cp.Variable, families: Sequence[str]) -> list[cp.Constraint]:
-    """Vectorised: one constraint per family, never one per domain (10,000 domains compile in ~0.1 s).
-
-    Each reads p <= bound, written z <= n bound so that its row is O(1) too.
+def _constraints(prob: _Problem, z: cp.Variable, families: Sequence[str]) -> list[tuple[str, cp.Constraint]]:
+    """(family, constraint), vectorised: one constraint per family, never one per domain (10,000 domains
+    compile in ~0.1 s). Each reads p <= bound, written z <= n bound so that its row is O(1) too.
     """
     n = z.size
     constraints = []
     if "min_share" in families and prob.lower.any():
-        constraints.append(z >= n * prob.lower)
+        constraints.append(("min_share", z >= n * prob.lower))
     if "max_share" in families and (prob.upper < 1).any():
-        constraints.append(z <= n * prob.upper)
+        constraints.append(("max_share", z <= n * prob.upper))
     if "max_epochs" in families and (prob.supply < 1).any():
-        constraints.append(z <= n * prob.supply)  # x_i <= max_epochs * available_i
+        constraints.append(("max_epochs", z <= n * prob.supply))  # x_i <= max_epochs * available_i
     if "groups" in families and prob.group_tags:
         share = prob.membership @ z  # (groups,) n times each group's share
-        constraints += [share >= n * prob.group_lower, share <= n * prob.group_upper]
+        constraints += [("groups", share >= n * prob.group_lower), ("groups", share <= n * prob.group_upper)]
     return constraints
 
 
@@ -554,6 +688,7 @@ def _problem(scores: Scores, spec: AllocationSpec, limits: dict[str, DomainLimit
         group_lower=np.array([g.min_share for g in spec.groups], dtype=float),
         group_upper=np.array([g.max_share for g in spec.groups], dtype=float),
         group_tags=tags,
+        protect=protect_inputs(scores) if spec.objective == "protect" else None,
     )
 
 
@@ -585,14 +720,14 @@ def _bootstrap_sts(domains: Sequence[DomainScore], resamples: int, rng: np.rando
     return sts
 
 
-def _share_intervals(model: _Model, prob: _Problem, sts: np.ndarray, dpp: bool) -> np.ndarray | None:
-    """(n, 2) 2.5 and 97.5 percentiles of the replay shares over re-solves with resampled weights."""
+def _share_intervals(model: _Model, point: np.ndarray, sts: np.ndarray, dpp: bool) -> np.ndarray | None:
+    """(n, 2) 2.5 and 97.5 percentiles of the replay shares over re-solves with resampled scores."""
     solutions = []
     for row in sts:
-        model.set_weights(risk_weights(row))
+        model.set_scores(row)
         if model.solve(dpp)[1] in SOLVED:
             solutions.append(model.solution())
-    model.set_weights(prob.weights)
+    model.set_scores(point)
     if not solutions:
         return None
     return np.percentile(np.array(solutions), [2.5, 97.5], axis=0).T
@@ -602,13 +737,14 @@ def _sensitivity(
     model: _Model, prob: _Problem, spec: AllocationSpec, names: Sequence[str], dpp: bool
 ) -> tuple[dict[str, dict[str, float]], list[str]]:
     """Replay shares with the objective's parameters halved and doubled: lambda (a Parameter, cheap) and
-    alpha for minimax, the scale c for utility (which has no other parameter); none for proportional."""
+    alpha for minimax, lambda and the scale c for protect, c for utility (which has no other parameter);
+    none for proportional."""
     if spec.objective == "proportional":
         return {}, []
     if len(names) > RESOLVE_MAX_DOMAINS:
         return {}, [f"sensitivity skipped: more than {RESOLVE_MAX_DOMAINS:,} domains"]
     runs: dict[str, np.ndarray] = {}
-    if spec.objective == "minimax" and spec.kl_weight > 0:
+    if spec.objective in ("minimax", "protect") and spec.kl_weight > 0:
         for factor in (0.5, 2.0):
             model.kl_weight.value = spec.kl_weight * factor
             if model.solve(dpp)[1] in SOLVED:
@@ -617,8 +753,9 @@ def _sensitivity(
     for factor in (0.5, 2.0):
         if spec.objective == "minimax":
             key, rebuilt = "alpha", _build_model(prob, "minimax", spec.alpha * factor, spec.kl_weight)
-        else:
-            key, rebuilt = "scale", _build_model(replace(prob, ratio=prob.ratio / factor), "utility", 1.0, 0.0)
+        else:  # c x factor: x / c = (R / c) p shrinks by the factor
+            lam = spec.kl_weight if spec.objective == "protect" else 0.0
+            key, rebuilt = "scale", _build_model(replace(prob, ratio=prob.ratio / factor), spec.objective, 1.0, lam)
         if rebuilt.solve(dpp=False)[1] in SOLVED:  # solved once: DPP's slower compile would not pay
             runs[f"{key} x{factor:g}"] = rebuilt.solution()
     shares = {key: {n: round(float(v), 6) for n, v in zip(names, p, strict=True)} for key, p in runs.items()}
@@ -656,9 +793,12 @@ def solve_allocation(
     if status not in SOLVED:
         raise MixoptError(f"the solvers {' and '.join(SOLVERS)} failed (status {status}); try another objective")
     shares, value = model.solution(), model.value()
+    duals = model.duals(prob.membership, prob.group_tags)  # before any re-solve overwrites them
 
     names = [d.name for d in scores.domains]
     sensitivity, notes = _sensitivity(model, prob, spec, names, dpp)
+    if prob.protect is not None:
+        notes = prob.protect.notes + notes
     intervals, stability_notes = _stability(model, prob, scores, spec, seed, dpp)
     target_size = _unit_tokens(scores.target, spec.count)
     target_amount = target_count * (1.0 if spec.unit == "examples" else target_size)  # in the unit
@@ -674,10 +814,10 @@ def solve_allocation(
         target_count=target_count,
         target_tokens=_tokens(target_count, target_size),
         count=spec.count,
-        domains=_domains(scores, spec, prob, shares, intervals, replay, target_amount),
+        domains=_domains(scores, spec, prob, _Solved(shares, duals, intervals), replay, target_amount),
         replay_budget=replay,
         sensitivity=sensitivity,
-        settings=_settings(spec, replay / prob.ratio, 0 if intervals is None else spec.stability, seed),
+        settings=_settings(spec, prob, replay / prob.ratio, 0 if intervals is None else spec.stability, seed),
         notes=notes + stability_notes,
     )
 
@@ -706,9 +846,9 @@ def _checked_budget(
     return target_count, budget - target_part
 
 
-def _settings(spec: AllocationSpec, scale: float, stability: int, seed: int) -> dict[str, Any]:
+def _settings(spec: AllocationSpec, prob: _Problem, scale: float, stability: int, seed: int) -> dict[str, Any]:
     """The numbers behind the solution, for the manifest: enough to re-solve it."""
-    return {
+    settings = {
         "alpha": spec.alpha,
         "lambda": spec.kl_weight,
         "prior": spec.prior,
@@ -717,6 +857,10 @@ def _settings(spec: AllocationSpec, scale: float, stability: int, seed: int) -> 
         "stability": stability,  # bootstrap re-solves behind share_interval (0: none)
         "seed": seed,
     }
+    if prob.protect is not None:
+        settings["forecast_scale"] = prob.protect.scale  # s: f is divided by it
+        settings["transfer"] = prob.protect.origin
+    return settings
 
 
 def _stability(
@@ -729,7 +873,7 @@ def _stability(
     if not any(d.example_scores for d in scores.domains):
         return None, ["stability skipped: the scores carry no per-example scores"]
     sts = _bootstrap_sts(scores.domains, spec.stability, np.random.default_rng(seed))
-    intervals = _share_intervals(model, prob, sts, dpp)
+    intervals = _share_intervals(model, np.array([d.score for d in scores.domains]), sts, dpp)
     return intervals, [] if intervals is not None else ["stability skipped: no bootstrap re-solve succeeded"]
 
 
@@ -737,16 +881,25 @@ def _tokens(count: int, size: float) -> int | None:
     return round(count * size) if size > 0 else None
 
 
+@dataclass
+class _Solved:
+    """The continuous solution and what was read from it, before rounding."""
+
+    shares: np.ndarray  # (n,) replay shares p
+    duals: list[dict[str, float]]  # (n,) each domain's non-zero duals
+    intervals: np.ndarray | None  # (n, 2) bootstrap percentiles of p
+
+
 def _domains(
     scores: Scores,
     spec: AllocationSpec,
     prob: _Problem,
-    shares: np.ndarray,
-    intervals: np.ndarray | None,
+    solved: _Solved,
     replay: int,
     target_amount: float,
 ) -> list[DomainAllocation]:
     """Round the replay shares to whole examples and describe each domain."""
+    shares, intervals = solved.shares, solved.intervals
     size = _sizes(scores, spec)  # (n,) unit per example
     available = np.array([d.available for d in scores.domains], dtype=float)
     amounts = shares * replay / size  # (n,) examples
@@ -761,6 +914,7 @@ def _domains(
     replay_share = in_unit / max(in_unit.sum(), 1.0)
     share = in_unit / (in_unit.sum() + target_amount)
     binding = _binding(prob, shares)
+    changes = _protected_changes(prob, in_unit, replay)
     return [
         DomainAllocation(
             name=d.name,
@@ -772,6 +926,18 @@ def _domains(
             epochs=round(count / d.available, 4) if d.available else 0.0,
             binding=binding[j],
             share_interval=None if intervals is None else [round(float(v), 6) for v in intervals[j]],
+            duals=solved.duals[j],
+            protected_change=None if changes is None else float(f"{changes[j]:.6g}"),
         )
         for j, (d, count) in enumerate(zip(scores.domains, counts, strict=True))
     ]
+
+
+def _protected_changes(prob: _Problem, in_unit: np.ndarray, replay: int) -> np.ndarray | None:
+    """(n,) f_j - s sum_i (x_i / c) T_ij for the rounded amounts `in_unit`, in f's units; None unless `protect`."""
+    if prob.protect is None:
+        return None
+    x_over_c = in_unit * prob.ratio / replay  # (n,) x / c, since c = R / ratio
+    transfer = prob.protect.transfer
+    received = x_over_c if transfer is None else transfer.T @ x_over_c  # (n,) sum_i (x_i / c) T_ij
+    return prob.protect.scale * (prob.protect.forecast - received)

@@ -44,7 +44,7 @@ def feasible_problems(draw):
     limits = {f"d{j}": DomainLimits(lower[j], min(1.0, lower[j] + width[j])) for j in range(n)}
     scores = make_scores(sts, available=available)
     names = [d.name for d in scores.domains]
-    allocation_spec = spec(objective=draw(st.sampled_from(["minimax", "utility", "proportional"])))
+    allocation_spec = spec(objective=draw(st.sampled_from(["minimax", "protect", "utility", "proportional"])))
     assume(not static_conflicts(names, available, None, allocation_spec, limits, 2 * replay))
     return scores, limits, allocation_spec, 2 * replay
 
@@ -99,7 +99,7 @@ def test_proportional__equals_normalised_scores_when_no_cap_binds():
 @given(
     st.lists(st.floats(0.1, 5), min_size=2, max_size=5),
     st.data(),
-    st.sampled_from(["minimax", "utility"]),
+    st.sampled_from(["minimax", "protect", "utility"]),
 )
 def test_raising_a_domains_sts__never_lowers_its_count(sts, data, objective):
     available = data.draw(st.lists(st.integers(1000, 5000), min_size=len(sts), max_size=len(sts)))  # some caps bind
@@ -110,7 +110,7 @@ def test_raising_a_domains_sts__never_lowers_its_count(sts, data, objective):
     assert after.domains[k].count >= before.domains[k].count - 1  # -1: rounding may move one unit
 
 
-@pytest.mark.parametrize("objective", ["minimax", "utility", "proportional"])
+@pytest.mark.parametrize("objective", ["minimax", "protect", "utility", "proportional"])
 @pytest.mark.parametrize("n, budget", [(3, 1000), (7, 1001), (16, 333)])
 def test_equal_scores_with_uniform_prior__give_equal_counts_up_to_rounding(objective, n, budget):
     allocation = solve_allocation(make_scores([2.0] * n), spec(objective=objective, prior="uniform"), budget=budget)
@@ -268,7 +268,7 @@ def _many_domains(n: int, seed: int = 0):
 
 def test_thousand_domains__solve_with_every_objective():
     scores, budget = _many_domains(1000)
-    for objective in ("minimax", "utility", "proportional"):
+    for objective in ("minimax", "protect", "utility", "proportional"):
         allocation = solve_allocation(scores, spec(objective=objective), budget=budget)
         assert sum(d.count for d in allocation.domains) == allocation.replay_budget
 
