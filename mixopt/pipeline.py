@@ -48,11 +48,12 @@ class Timings:
 
 
 def rendered_rows(section: TargetSpec | DomainSpec, recipe: Recipe, where: str) -> datasets.Dataset:
+    """The rows a run uses (max_examples), rendered; bad rows fail or, with `on_bad_row: skip`, are left out."""
     ds = load_source(section.source, recipe.base_dir)
     check_columns(ds, section, f"{where} ({describe(section.source)})")
     if section.max_examples is not None:
         ds = ds.select(range(min(len(ds), section.max_examples)))
-    return render(ds, section)
+    return render(ds, section, f"{where} ({describe(section.source)})", recipe.on_bad_row)
 
 
 def encode_row(lm: LoadedModel, row: dict[str, str], max_length: int, tokens: str = "content") -> Encoded:
@@ -351,8 +352,8 @@ def plan_recipe(recipe: Recipe, out: Path, force: bool = False, dry_run: bool = 
     from mixopt.sources import content_hash
 
     if not dry_run:
-        check_output(out, force)  # fail before the expensive part
-    check_static(recipe)
+        check_output(out, force, recipe.input_paths())  # fail before the expensive part
+    checked = check_static(recipe)
     timings = Timings()
     scores, context = timings.timed("score", lambda: score_recipe(recipe, timings))
     allocation = timings.timed(
@@ -361,7 +362,7 @@ def plan_recipe(recipe: Recipe, out: Path, force: bool = False, dry_run: bool = 
     )
     if dry_run:
         return PlanResult(scores, allocation, None, seconds=timings.seconds)
-    with staged_output(out, force) as staged:
+    with staged_output(out, force, recipe.input_paths()) as staged:
         parts = _mixture_parts(recipe, allocation)
         mixture = timings.timed("mixture", lambda: build_mixture(parts, recipe.seed))
         files = timings.timed("write", lambda: write_mixture(mixture, staged, recipe.output.formats))
@@ -390,6 +391,7 @@ def plan_recipe(recipe: Recipe, out: Path, force: bool = False, dry_run: bool = 
         scores.save(staged / "scores.json")
         allocation.save(staged / "allocation.json")
         written = {"rows": len(mixture), "content_sha256": digest, "schema": schema, "files": files}
+        written["skipped_rows"] = checked.skipped  # on_bad_row: skip, rows left out per target/domain
         write_json(
             staged / "manifest.json", manifest_record(recipe, scores, allocation, context, written, timings.seconds)
         )

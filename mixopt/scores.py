@@ -93,9 +93,24 @@ class Scores:
 
     @classmethod
     def load(cls, path: str | Path) -> Scores:
+        """Read and validate a scores file: every field of the right type, each domain once."""
+        from pydantic import TypeAdapter, ValidationError
+
         from mixopt.errors import MixoptError
 
         try:
-            return cls.from_dict(json.loads(Path(path).read_text()))
-        except (OSError, ValueError, KeyError, TypeError) as err:
+            scores = TypeAdapter(cls).validate_python(json.loads(Path(path).read_text(encoding="utf-8")))
+        except ValidationError as err:  # e.g. `[]`, `"sts": null`, `"sts": "high"`
+            first = err.errors()[0]
+            where = ".".join(map(str, first["loc"])) or "(root)"
+            message = f"{where}: {first['msg']}"
+            raise MixoptError(f"{path}: not a mixopt scores file ({message}); make one with `mixopt score`") from None
+        except (OSError, ValueError) as err:
             raise MixoptError(f"{path}: not a mixopt scores file ({err}); make one with `mixopt score`") from None
+        names = [d.name for d in scores.domains]
+        if repeated := next((n for n in names if names.count(n) > 1), None):
+            raise MixoptError(
+                f"{path}: domain '{repeated}' is listed {names.count(repeated)} times; each domain may appear once "
+                "(re-run `mixopt score`)"
+            )
+        return scores
