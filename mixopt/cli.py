@@ -156,7 +156,12 @@ def _budget_options(command: Callable[..., Any]) -> Callable[..., Any]:
     type=click.Path(file_okay=False, path_type=Path),
     help="Output folder (default: the recipe's output.dir, else runs/<recipe name>).",
 )
-@click.option("--force", is_flag=True, help="Replace an existing output folder.")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Replace an existing output folder: only an empty one or an earlier mixopt run, never one holding the "
+    "recipe or its data.",
+)
 @click.option("--seed", type=int, help="Override the recipe's seed (demonstrations, sampling, shuffling).")
 @click.option("--dry-run", is_flag=True, help="Score and solve, print the allocation, write nothing.")
 @user_errors

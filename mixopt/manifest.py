@@ -17,6 +17,7 @@ import os
 import platform
 import re
 import shutil
+import signal
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -86,14 +87,24 @@ def _pid_alive(pid: int) -> bool:
 
 def remove_stale_stages(out: Path) -> list[Path]:
     """Remove `.OUT.tmp-PID` and `.OUT.old-PID` folders beside `out` whose process is gone (a run killed with
-    SIGKILL or a power cut); returns what was removed. A live process's folders are left alone."""
+    SIGKILL or a power cut); returns what was removed. A live process's folders are left alone.
+
+    A run killed between moving the old OUT aside and moving the new one in left both, and no OUT: the new
+    one is complete (it is moved only after it is written), so the move is finished instead.
+    """
     pattern = re.compile(rf"\.{re.escape(out.name)}\.(tmp|old)-(\d+)")
-    removed = []
+    stale: dict[int, dict[str, Path]] = {}
     if out.parent.is_dir():
         for path in out.parent.iterdir():
             if (match := pattern.fullmatch(path.name)) and path.is_dir() and not _pid_alive(int(match[2])):
-                shutil.rmtree(path, ignore_errors=True)
-                removed.append(path)
+                stale.setdefault(int(match[2]), {})[match[1]] = path
+    removed = []
+    for stages in stale.values():
+        if not out.exists() and {"tmp", "old"} <= set(stages):
+            os.replace(stages.pop("tmp"), out)
+        for path in stages.values():
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
     return removed
 
 
@@ -102,9 +113,9 @@ def staged_output(out: Path, force: bool, inputs: Sequence[Path] = ()) -> Iterat
     """A temp folder beside `out`, renamed to `out` if the block succeeds and removed if it fails (also on
     SIGTERM, which `mixopt.cli` turns into an exception)."""
     out = out.resolve()  # `--out .` has no name of its own
+    remove_stale_stages(out)  # first: a finished move makes OUT exist again, and then it needs --force
     check_output(out, force, inputs)
     out.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_stages(out)
     staged = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(staged, ignore_errors=True)
     staged.mkdir()
@@ -113,13 +124,20 @@ def staged_output(out: Path, force: bool, inputs: Sequence[Path] = ()) -> Iterat
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)
         raise
-    if out.exists():  # --force: move the old run aside first so `out` is never missing a half
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.replace(out, old)
-        os.replace(staged, out)
+    # SIGTERM waits until both renames are done (delivered right after): never an OUT-less moment left behind
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        if out.exists():  # --force: move the old run aside first so `out` is never missing a half
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.replace(out, old)
+            os.replace(staged, out)
+        else:
+            os.replace(staged, out)
+            old = None
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+    if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(staged, out)
 
 
 def checksums(folder_or_file: Path | None) -> dict[str, str]:

@@ -182,11 +182,10 @@ def test_rows__on_bad_row_skip_leaves_them_out_counts_them_and_a_later_run_clean
     _write_rows(ws.parent / "data" / "law.jsonl", rows)
     recipe = _edit(ws, lambda r: r.update(on_bad_row="skip"))
     out = ws.parent / "run"
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
+    dead = [_dead_pid(), _dead_pid()]
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
     try:
-        stale = [ws.parent / f".run.tmp-{dead.pid}", ws.parent / f".run.old-{dead.pid}"]
+        stale = [ws.parent / f".run.tmp-{dead[0]}", ws.parent / f".run.old-{dead[1]}"]
         kept = ws.parent / f".run.tmp-{live.pid}"
         for folder in [*stale, kept]:
             folder.mkdir()
@@ -202,6 +201,28 @@ def test_rows__on_bad_row_skip_leaves_them_out_counts_them_and_a_later_run_clean
     texts = datasets.load_from_disk(str(out / "mixture"))["text"]
     assert not any("None" in t for t in texts)
     assert {t for t in texts if t.startswith("law")} <= {f"law {i}" for i in range(30) if i not in (3, 7)}
+
+
+def _dead_pid() -> int:
+    """The pid of a process that has exited."""
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    return gone.pid
+
+
+def test_stale_stages__a_run_killed_between_its_two_renames_is_finished_not_lost(tmp_path: Path) -> None:
+    """kill -9 after the old OUT moved aside and before the new one moved in: OUT is missing, both folders stay.
+    The next run moves the complete new one in and removes the old one."""
+    from mixopt.manifest import remove_stale_stages
+
+    pid = _dead_pid()
+    new, old = tmp_path / f".run.tmp-{pid}", tmp_path / f".run.old-{pid}"
+    for folder, label in [(new, "new"), (old, "old")]:
+        folder.mkdir()
+        (folder / "manifest.json").write_text(json.dumps({"mixopt_manifest_version": 1, "run": label}))
+    assert remove_stale_stages(tmp_path / "run") == [old]
+    assert json.loads((tmp_path / "run" / "manifest.json").read_text())["run"] == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
 # ------------------------------------------------------------------------------------------ SIGTERM
