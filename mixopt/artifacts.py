@@ -226,8 +226,8 @@ def sae_shape(spec: SAESpec, base_dir: Path) -> SAEShape | None:
 def fit_problems(model: ModelShape, sae: SAEShape | None, layer: int, layer_field: str) -> list[tuple[str, str]]:
     """(field, message) for each way the SAE and `layer` do not fit the model; empty when they fit."""
     problems = []
-    if not 0 <= layer < model.layers:
-        problems.append((layer_field, f"layer {layer} is out of range: the model has blocks 0..{model.layers - 1}"))
+    if not 0 <= layer < model.layers:  # then a hook at another layer is no news: one line, one fix
+        return [(layer_field, f"layer {layer} is out of range: the model has blocks 0..{model.layers - 1}")]
     if sae is not None and sae.d_in >= 0 and sae.d_in != model.hidden_size:
         width = f"SAE input width {sae.d_in} != model hidden size {model.hidden_size}"
         problems.append(("sae.path", f"{width}; use an SAE trained on this model"))
