@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -13,19 +14,35 @@ from typing import Any
 import click
 
 from mixopt import __version__
-from mixopt.errors import MixoptError
+from mixopt.errors import MixoptError, Terminated
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise Terminated  # unwinds: staged output and temp files are removed on the way out
 
 
 def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn a MixoptError into `error: <message>` on stderr and exit code 2 (no traceback)."""
+    """Turn a MixoptError into `error: <message>` on stderr (one line per problem) and exit code 2, with no
+    traceback; SIGTERM unwinds like an exception (partial output removed) and exits 143."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
+            previous = signal.signal(signal.SIGTERM, _terminate)
+        except ValueError:  # not the main thread: leave signals alone
+            previous = None
+        try:
             return command(*args, **kwargs)
         except MixoptError as err:
-            click.echo(f"error: {err}", err=True)
+            for line in str(err).splitlines():
+                click.echo(f"error: {line}", err=True)
             sys.exit(2)
+        except Terminated:
+            click.echo("error: stopped by SIGTERM; partial output removed", err=True)
+            raise
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
 
     return wrapper
 
@@ -54,10 +71,12 @@ def cli() -> None:
     help="github: print GitHub Actions annotations (::error file=...,line=...::message).",
 )
 def check(paths: tuple[Path, ...], fmt: str) -> None:
-    """Validate recipe files: YAML, schema, sources and columns, feasibility.
+    """Validate recipe files: YAML, schema, sources (every row renders, UTF-8), model and SAE configs (width,
+    layer), target/domain overlap, feasibility after rounding. Nothing is loaded but config files and rows.
 
-    PATHS are recipe files or folders (default: recipes/). Prints one line per recipe, `ok` or the first
-    error as FILE: field.path: what is wrong (how to fix). Exit 0 if all are ok, 2 otherwise.
+    PATHS are recipe files or folders (default: recipes/). Prints `FILE: ok` on stdout, or each problem on
+    stderr as FILE: field.path: what is wrong (how to fix). With --format github the problems are
+    annotations on stdout (where GitHub reads them). Exit 0 if all are ok, 2 otherwise.
 
     \b
     e.g. mixopt check recipes/
@@ -76,11 +95,12 @@ def check(paths: tuple[Path, ...], fmt: str) -> None:
             click.echo(f"{file}: ok")
             continue
         failed += 1
-        if fmt == "github":
-            line = f",line={problem.line}" if problem.line else ""
-            click.echo(f"::error file={file}{line}::{problem}")
-        else:
-            click.echo(str(problem) if str(problem).startswith(str(file)) else f"{file}: {problem}")
+        for each in problem.problems:
+            if fmt == "github":
+                line = f",line={each.line}" if each.line else ""
+                click.echo(f"::error file={file}{line}::{each}")
+            else:
+                click.echo(str(each) if str(each).startswith(str(file)) else f"{file}: {each}", err=True)
     sys.exit(2 if failed else 0)
 
 
@@ -97,10 +117,16 @@ def score(recipe: Path, out: Path | None, as_json: bool) -> None:
     \b
     e.g. mixopt score recipes/quickstart.yaml --out runs/quickstart-scores.json
     """
+    from mixopt.checks import check_static
+    from mixopt.manifest import check_writable
     from mixopt.pipeline import score_recipe
     from mixopt.recipe import load_recipe
 
-    scores, _ = score_recipe(load_recipe(recipe))
+    spec = load_recipe(recipe)
+    if out:
+        check_writable(out, "scores file", folder=False)  # before the model work, not after
+    check_static(spec)  # what `mixopt check` sees (sources, rows, configs) fails before any model loads
+    scores, _ = score_recipe(spec)
     click.echo(json.dumps(scores.to_dict(), indent=1) if as_json else scores.table())
     if out:
         scores.save(out)
@@ -134,7 +160,12 @@ def _budget_options(command: Callable[..., Any]) -> Callable[..., Any]:
     type=click.Path(file_okay=False, path_type=Path),
     help="Output folder (default: the recipe's output.dir, else runs/<recipe name>).",
 )
-@click.option("--force", is_flag=True, help="Replace an existing output folder.")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Replace an existing output folder: only an empty one or an earlier mixopt run, never one holding the "
+    "recipe or its data.",
+)
 @click.option("--seed", type=int, help="Override the recipe's seed (demonstrations, sampling, shuffling).")
 @click.option("--dry-run", is_flag=True, help="Score and solve, print the allocation, write nothing.")
 @user_errors
@@ -181,10 +212,13 @@ def solve(scores: Path, recipe: Path | None, out: Path | None, **allocation: Any
          mixopt solve scores.json --budget 1000000 --unit tokens --objective utility --out allocation.json
          mixopt solve scores.json --budget 2000 --objective protect    (T: scores.json's transfer, else identity)
     """
+    from mixopt.manifest import check_writable
     from mixopt.recipe import AllocationSpec, load_recipe
     from mixopt.scores import Scores
     from mixopt.solver import limits_from_domains, solve_allocation
 
+    if out:
+        check_writable(out, "allocation file", folder=False)
     record = Scores.load(scores)
     if recipe is not None:
         spec = load_recipe(recipe).with_overrides(**allocation)

@@ -17,8 +17,20 @@ class RecipeError(MixoptError):
 
     def __init__(self, message: str, file: str | None = None, field: str | None = None, line: int | None = None):
         self.file, self.field, self.line, self.detail = file, field, line, message
+        self.problems: list[RecipeError] = [self]  # every problem found, one line each
         where = ": ".join(part for part in (file, field) if part)
         super().__init__(f"{where}: {message}" if where else message)
+
+    @classmethod
+    def all_of(cls, problems: list[RecipeError]) -> RecipeError:
+        """One error reporting several problems at once, one line each (as torchtune's ConfigError does)."""
+        if len(problems) == 1:
+            return problems[0]
+        first = problems[0]
+        combined = cls("\n".join(str(p) for p in problems))
+        combined.file, combined.field, combined.line = first.file, first.field, first.line
+        combined.problems = problems
+        return combined
 
 
 class SourceError(MixoptError):
@@ -38,4 +50,12 @@ class InfeasibleError(MixoptError):
 
 
 class OutputExistsError(MixoptError):
-    """The output folder exists and `--force` was not given."""
+    """The output folder exists and `--force` was not given, or `--force` would replace what mixopt did not
+    write (the recipe, a source, an unrelated folder), or the output cannot be written there."""
+
+
+class Terminated(SystemExit):
+    """SIGTERM arrived: unwinds like an exception (so staged output is removed), then exits 143 (128 + 15)."""
+
+    def __init__(self) -> None:
+        super().__init__(143)

@@ -248,7 +248,7 @@ def score_replies(
     """Reply NLL of (prompt, reply) pairs, (pairs,); NaN for a pair longer than `max_length` tokens."""
     queries = [reply_query(lm.tokenizer, p, r, max_length) for p, r in pairs]
     usable = [i for i, q in enumerate(queries) if q is not None]
-    logprobs = next_token_logprobs(lm, [queries[i] for i in usable], batch_tokens, desc)  # type: ignore[misc]
+    logprobs = next_token_logprobs(lm, [queries[i] for i in usable], batch_tokens, desc)
     values = np.full(len(pairs), np.nan)
     for i, reads in zip(usable, logprobs, strict=True):
         values[i] = reply_nll(reads)

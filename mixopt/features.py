@@ -20,10 +20,11 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from mixopt.artifacts import cache_dir
 from mixopt.batching import length_batches, pad_right
 from mixopt.encoding import Encoded
 from mixopt.files import Digest, atomic_write
-from mixopt.model import LoadedModel, cache_dir, prefix_cache, residual_stream
+from mixopt.model import LoadedModel, prefix_cache, residual_stream
 
 CACHE_VERSION = 2  # 2: the ICL query no longer repeats the conversation head after the demonstrations
 

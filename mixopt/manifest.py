@@ -2,16 +2,23 @@
 
 `staged_output` gives a temporary folder beside OUT; everything is written there and renamed into place
 only when the run succeeded, so an interrupted run never leaves a half-written OUT (nor its temp folder).
+A run killed outright (`kill -9`) cannot clean up: the next run beside the same OUT removes the temp
+folders (`.OUT.tmp-PID`, `.OUT.old-PID`) of processes that no longer exist.
+`--force` replaces only an empty folder or one that holds a mixopt manifest, never one that holds the
+recipe or anything it reads.
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib.metadata
+import json
 import os
 import platform
+import re
 import shutil
-from collections.abc import Iterator
+import signal
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,15 +34,92 @@ if TYPE_CHECKING:
 LIBRARIES = ("torch", "transformers", "sae-lens", "datasets", "cvxpy", "numpy", "pydantic", "pyarrow")
 
 
-def check_output(out: Path, force: bool) -> None:
-    if out.exists() and not force:
+MANIFEST = "manifest.json"
+
+
+def check_writable(path: Path, what: str, folder: bool) -> None:
+    """Fail now, not after the model work, if `path` (a folder or a file) cannot be written: it exists as the
+    other kind, a parent is a file, or the nearest existing parent folder is not writable."""
+    path = path.absolute()
+    if path.exists() and path.is_dir() != folder:
+        kind = "file" if folder else "folder"
+        raise OutputExistsError(f"cannot write {what} {path}: it is a {kind}; choose another --out")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OutputExistsError(f"cannot write {what} {path}: {parent} is a file, not a folder; choose another --out")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputExistsError(f"cannot write {what} {path}: {parent} is not writable; choose another --out")
+
+
+def _is_mixopt_run(folder: Path) -> bool:
+    try:
+        return "mixopt_manifest_version" in json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def check_output(out: Path, force: bool, inputs: Sequence[Path] = ()) -> None:
+    """OUT can be written: not there yet, or (with `force`) an empty folder or an earlier mixopt run that
+    holds none of `inputs` (the recipe file, its sources, model and SAE)."""
+    out = out.resolve()
+    check_writable(out, "output folder", folder=True)
+    if not out.exists():
+        return
+    if not force:
         raise OutputExistsError(f"output folder {out} exists; pass --force to replace it, or choose --out")
+    if held := [p for p in inputs if p == out or out in p.parents]:
+        raise OutputExistsError(
+            f"--force would replace {out}, which holds {held[0]} that the recipe reads; choose another --out"
+        )
+    if any(out.iterdir()) and not _is_mixopt_run(out):
+        raise OutputExistsError(
+            f"--force replaces only an empty folder or an earlier mixopt run (with {MANIFEST}); {out} is neither: "
+            "choose another --out"
+        )
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        return True
+    return True
+
+
+def remove_stale_stages(out: Path) -> list[Path]:
+    """Remove `.OUT.tmp-PID` and `.OUT.old-PID` folders beside `out` whose process is gone (a run killed with
+    SIGKILL or a power cut); returns what was removed. A live process's folders are left alone.
+
+    A run killed between moving the old OUT aside and moving the new one in left both, and no OUT: the new
+    one is complete (it is moved only after it is written), so the move is finished instead.
+    """
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.(tmp|old)-(\d+)")
+    stale: dict[int, dict[str, Path]] = {}
+    if out.parent.is_dir():
+        for path in out.parent.iterdir():
+            if (match := pattern.fullmatch(path.name)) and path.is_dir() and not _pid_alive(int(match[2])):
+                stale.setdefault(int(match[2]), {})[match[1]] = path
+    removed = []
+    for stages in stale.values():
+        if not out.exists() and {"tmp", "old"} <= set(stages):
+            os.replace(stages.pop("tmp"), out)
+        for path in stages.values():
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
 
 
 @contextlib.contextmanager
-def staged_output(out: Path, force: bool) -> Iterator[Path]:
-    """A temp folder beside `out`, renamed to `out` if the block succeeds and removed if it fails."""
-    check_output(out, force)
+def staged_output(out: Path, force: bool, inputs: Sequence[Path] = ()) -> Iterator[Path]:
+    """A temp folder beside `out`, renamed to `out` if the block succeeds and removed if it fails (also on
+    SIGTERM, which `mixopt.cli` turns into an exception)."""
+    out = out.resolve()  # `--out .` has no name of its own
+    remove_stale_stages(out)  # first: a finished move makes OUT exist again, and then it needs --force
+    check_output(out, force, inputs)
     out.parent.mkdir(parents=True, exist_ok=True)
     staged = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(staged, ignore_errors=True)
@@ -45,13 +129,20 @@ def staged_output(out: Path, force: bool) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)
         raise
-    if out.exists():  # --force: move the old run aside first so `out` is never missing a half
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.replace(out, old)
-        os.replace(staged, out)
+    # SIGTERM waits until both renames are done (delivered right after): never an OUT-less moment left behind
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        if out.exists():  # --force: move the old run aside first so `out` is never missing a half
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.replace(out, old)
+            os.replace(staged, out)
+        else:
+            os.replace(staged, out)
+            old = None
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+    if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(staged, out)
 
 
 def checksums(folder_or_file: Path | None) -> dict[str, str]:

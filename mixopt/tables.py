@@ -26,5 +26,5 @@ def render_table(header: Sequence[str], rows: Sequence[Sequence[str]], right: Co
         table.add_row(*row)
     console = Console(file=io.StringIO(), width=1000, color_system=None, force_terminal=False, highlight=False)
     console.print(table)
-    text = console.file.getvalue()  # type: ignore[attr-defined]
+    text = console.file.getvalue()
     return "\n".join(line.rstrip() for line in text.splitlines())

@@ -2,9 +2,30 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
 
 from mixopt.scores import DomainScore, Scores
+
+# ------------------------------------------------------------------------------- model and SAE files
+
+
+def write_config_only_model_and_sae(root: Path, layers: int = 2, width: int = 32, sae_width: int | None = None) -> None:
+    """root/model (a config.json, no weights) and root/sae (cfg.json and a safetensors file with W_enc): what
+    `mixopt check` reads, with no weights worth loading. `sae_width`: the SAE's d_in (default: `width`)."""
+    from safetensors.numpy import save_file
+
+    d_in = width if sae_width is None else sae_width
+    (root / "model").mkdir()
+    (root / "model" / "config.json").write_text(json.dumps({"num_hidden_layers": layers, "hidden_size": width}))
+    (root / "sae").mkdir()
+    cfg = {"d_in": d_in, "d_sae": 64, "metadata": {"hook_name": "blocks.1.hook_resid_post"}}
+    (root / "sae" / "cfg.json").write_text(json.dumps(cfg))
+    save_file({"W_enc": np.zeros((d_in, 64), np.float32)}, str(root / "sae" / "sae_weights.safetensors"))
+
 
 # ------------------------------------------------------------------------------------- solver helpers
 

@@ -14,11 +14,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from mixopt.artifacts import builtin_sae_dir
 from mixopt.cli import cli
 from mixopt.encoding import encode_chat
 from mixopt.model import load_model, residual_stream
 from mixopt.recipe import ModelSpec, SAESpec
-from mixopt.sae import builtin_sae_dir, check_sae, load_sae, measure_quality
+from mixopt.sae import check_sae, load_sae, measure_quality
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("MIXOPT_DATA", REPO.parent / "shared" / "data"))

@@ -239,7 +239,7 @@ def test_score_cli__layer_out_of_range_is_one_line_exit_2(workspace: Path, tmp_p
     )
     result = CliRunner().invoke(cli, ["score", str(recipe)])
     assert result.exit_code == 2
-    assert "sae.layer 7 is out of range: the model has blocks 0..1" in result.output
+    assert "sae.layer: layer 7 is out of range: the model has blocks 0..1" in result.output
 
 
 def test_icl_input__is_one_conversation_with_the_system_block_once(lm: LoadedModel, sae) -> None:

@@ -15,6 +15,7 @@ from click.testing import CliRunner
 from mixopt.cli import cli
 from mixopt.errors import RecipeError
 from mixopt.recipe import expand_env, load_recipe, recipe_json_schema, template_fields
+from tests.helpers import write_config_only_model_and_sae
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -30,9 +31,7 @@ def good(tmp_path: Path) -> dict:
     (tmp_path / "t.jsonl").write_text("".join(json.dumps({"q": f"q{i}", "a": f"a{i}"}) + "\n" for i in range(20)))
     for name in ("law", "chem"):
         (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps({"text": f"{name} {i}"}) + "\n" for i in range(10)))
-    (tmp_path / "sae").mkdir()
-    (tmp_path / "sae" / "cfg.json").write_text("{}")
-    (tmp_path / "model").mkdir()
+    write_config_only_model_and_sae(tmp_path)
     return {
         "model": {"path": "./model"},
         "sae": {"path": "sae", "layer": 1},
@@ -76,7 +75,7 @@ BAD = {
     "min shares above one": (lambda r: [d.update(min_share=0.7) for d in r["domains"]], r"min_share sum to 1\.40 > 1"),
     "max shares below one": (lambda r: [d.update(max_share=0.3) for d in r["domains"]], r"max_share sum to 0\.60 < 1"),
     "budget beyond availability": (
-        lambda r: r["allocation"].update(budget=100),
+        lambda r: r["allocation"].update(budget=30, target_fraction=0.2),  # replay 24 of 20 rows; target fits
         r"allocation: .*at most 20 examples.*",
     ),
     "duplicate domain": (lambda r: r["domains"][1].update(name="law"), r"unique; repeated: law"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from hypothesis import strategies as st
 
 from mixopt.errors import InfeasibleError, MixoptError
 from mixopt.recipe import AllocationSpec, DomainSpec, GroupConstraint, SourceSpec
+from mixopt.scores import Scores
 from mixopt.solver import (
     Allocation,
     DomainLimits,
@@ -281,3 +283,15 @@ def test_ten_thousand_domains__solve_in_under_five_seconds_with_minimax():
     assert time.perf_counter() - start < 5.0
     assert allocation.status == "optimal" and sum(d.count for d in allocation.domains) == allocation.replay_budget
     assert any("stability skipped" in note for note in allocation.notes)
+
+
+def test_scores_file__version_1_with_sts_still_loads(tmp_path: Path) -> None:
+    """scores.json written before the rename (DomainScore.sts, no version field) reads as the current form."""
+    data = make_scores([1.0, 2.0, 3.0]).to_dict()
+    del data["version"]
+    for d in [data["target"], *data["domains"]]:
+        d["sts"] = d.pop("score")
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(data))
+    loaded = Scores.load(path)
+    assert [d.score for d in loaded.domains] == [1.0, 2.0, 3.0] and loaded.version == 2

@@ -290,7 +290,7 @@ def plot_compare(summary: Record, path: Path) -> None:
     names = list(runs)
     domains = sorted(runs[names[0]]["per_domain"], key=lambda d: runs[names[0]]["per_domain"][d])
     y = np.arange(len(domains))
-    fig, ax = plt.subplots(figsize=(8, figure_height(len(domains) * 1.5)))
+    fig, ax = plt.subplots(figsize=(8, figure_height(round(len(domains) * 1.5))))
     for k, (run, color) in enumerate(zip(names, ("#9a9a9a", "#5b8c5a", "#3b6ea8"), strict=False)):
         values = [runs[run]["per_domain"][d] for d in domains]
         ax.barh(
