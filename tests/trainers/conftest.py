@@ -1,0 +1,139 @@
+"""`make test-trainers`: each trainer installed from PyPI in a throwaway virtual environment, run on a quickstart plan.
+
+Not part of `make test` or CI: the installs are GBs and minutes each. Everything lives under `.trainers/`
+(git-ignored; MIXOPT_TRAINERS_DIR moves it): one venv per trainer, with torch pinned to the CPU build
+(installed first, then the trainer under a constraint so pip cannot replace it), a tiny random Llama with
+the embedded SmolLM2 tokenizer, and the plan `mixopt plan recipes/quickstart.yaml --budget 2000` writes
+(MIXOPT_TRAINERS_PLAN=<run folder> reuses one). A venv is reused while its stamp names the same packages.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mixopt.exports import TESTED_TRAINERS
+
+ROOT = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).parent
+TORCH = "torch==2.13.0"  # the CPU build on disk; an unpinned torch pulls GBs of CUDA
+# what each venv installs after torch: the trainer at its tested version, and what the measuring script needs
+PACKAGES = {
+    "trl": [f"trl=={TESTED_TRAINERS['trl']}"],
+    "llamafactory": [f"llamafactory=={TESTED_TRAINERS['llamafactory']}"],
+    "axolotl": [f"axolotl=={TESTED_TRAINERS['axolotl']}"],
+    "megatron": [f"megatron-core=={TESTED_TRAINERS['megatron-core']}", "transformers", "pyarrow"],
+}
+
+
+def trainers_dir() -> Path:
+    path = Path(os.environ.get("MIXOPT_TRAINERS_DIR", ROOT / ".trainers"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _pip(venv: Path, args: list[str], log: Path) -> None:
+    with log.open("a") as f:
+        subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", *args], check=True, stdout=f, stderr=f)
+
+
+def trainer_venv(name: str) -> Path:
+    """`.trainers/<name>`: a venv with torch (CPU) and the trainer, installed once per package list."""
+    venv = trainers_dir() / name
+    stamp = venv / "mixopt-installed.json"
+    wanted = [TORCH, *PACKAGES[name]]
+    if stamp.is_file() and json.loads(stamp.read_text()) == wanted:
+        return venv
+    log = trainers_dir() / f"{name}-install.log"
+    constraint = trainers_dir() / "torch-cpu.txt"
+    constraint.write_text(TORCH + "\n")
+    subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
+    print(f"installing {' '.join(wanted)} into {venv} (log: {log})", file=sys.stderr)
+    _pip(venv, [TORCH], log)
+    _pip(venv, ["-c", str(constraint), *PACKAGES[name]], log)
+    stamp.write_text(json.dumps(wanted))
+    return venv
+
+
+def run_measure(name: str, run: Path, model: Path, tmp_path: Path, timeout: int = 1800) -> dict:
+    """Run `measure_<name>.py` in the trainer's venv from `run`; returns what it measured."""
+    venv = trainer_venv(name)
+    result = tmp_path / f"{name}.json"
+    env = os.environ | {"PATH": f"{venv / 'bin'}:{os.environ['PATH']}", "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("PYTHONPATH", None)  # the trainer's venv only: mixopt is not installed there
+    done = subprocess.run(
+        [str(venv / "bin" / "python"), str(HERE / f"measure_{name}.py"), str(model), str(result)],
+        cwd=run,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    (tmp_path / f"{name}.log").write_text(done.stdout + done.stderr)
+    assert done.returncode == 0, f"{name} failed:\n{(done.stdout + done.stderr)[-6000:]}"
+    return json.loads(result.read_text())
+
+
+@pytest.fixture(scope="session")
+def plan() -> Path:
+    """The quickstart plan the README's commands run on (2,000 rows)."""
+    if given := os.environ.get("MIXOPT_TRAINERS_PLAN"):
+        return Path(given)
+    out = trainers_dir() / "plan"
+    subprocess.run(
+        [sys.executable, "-m", "mixopt", "plan", str(ROOT / "recipes/quickstart.yaml"), "--budget", "2000"]
+        + ["--out", str(out), "--force"],
+        check=True,
+    )
+    return out
+
+
+@pytest.fixture(scope="session")
+def manifest_counts(plan: Path) -> dict[str, int]:
+    """Rows per part as the manifest records them (the target under its own name), parts with rows only."""
+    manifest = json.loads((plan / "manifest.json").read_text())
+    counts = {manifest["recipe"]["target"]: manifest["solver"]["target_count"]}
+    counts |= {d["name"]: d["count"] for d in manifest["allocation"]}
+    return dict(sorted((n, c) for n, c in counts.items() if c))
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> Path:
+    """A 2-layer random Llama saved with the embedded SmolLM2 tokenizer (the one the plan counted tokens with)."""
+    from transformers import AutoTokenizer
+
+    from mixopt.model import resolve_model_source
+    from mixopt.recipe import ModelSpec
+    from tests.tiny import tiny_llama
+
+    folder = trainers_dir() / "tiny-model"
+    if (folder / "config.json").is_file():
+        return folder
+    source, _ = resolve_model_source(ModelSpec(path="smollm2-135m-instruct"), ROOT)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    model = tiny_llama(len(tokenizer))
+    model.config.bos_token_id = tokenizer.bos_token_id
+    model.config.eos_token_id = tokenizer.eos_token_id
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    staged = folder.with_suffix(".tmp")
+    shutil.rmtree(staged, ignore_errors=True)
+    model.save_pretrained(staged)
+    tokenizer.save_pretrained(staged)
+    staged.rename(folder)
+    return folder
+
+
+@pytest.fixture
+def run(plan: Path, tmp_path: Path) -> Path:
+    """A copy of the plan for one trainer: what it writes (checkpoints, token files) stays in the copy."""
+    copy = tmp_path / "run"
+    shutil.copytree(plan, copy)
+    return copy
