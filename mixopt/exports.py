@@ -207,14 +207,16 @@ def _megatron_prefix(name: str) -> str:
     return f"parquet/domains/{name}{megatron_data.SUFFIX}"
 
 
-def megatron_commands(names: list[str]) -> list[str]:
-    """The shell lines, from OUT, that write the token files the blend names (either route)."""
-    lines = [
-        "# with megatron-core installed: tokenise and write the .bin/.idx files directly",
-        f"python exports/megatron_data.py indexed --tokenizer {MODEL_PLACEHOLDER}",
-        "# or with a Megatron-LM checkout ($MEGATRON_LM): JSONL with a `text` field, then its preprocess_data.py",
-        f"python exports/megatron_data.py jsonl --tokenizer {MODEL_PLACEHOLDER}",
-    ]
+MEGATRON_INDEXED = f"python exports/megatron_data.py indexed --tokenizer {MODEL_PLACEHOLDER}"
+
+
+def megatron_preprocess_commands(names: list[str]) -> list[str]:
+    """The other route, from OUT: JSONL with a `text` field, then Megatron-LM's preprocess_data.py per part.
+
+    Every flag preprocess_data.py requires (`--input`, `--output-prefix`, `--workers`, the tokenizer's) is
+    given; `--append-eod` ends each row with the EOS token, as `megatron_data.py indexed` does.
+    """
+    lines = [f"python exports/megatron_data.py jsonl --tokenizer {MODEL_PLACEHOLDER}"]
     for name in names:
         prefix = f"parquet/domains/{name}"
         lines.append(
@@ -238,8 +240,10 @@ def _megatron_txt(counts: Mapping[str, int], tokens: Mapping[str, int], model: s
         "# reads every file once, and each file holds its part's allocated rows: the mixture exactly. Weights",
         "# by rows would under-sample the parts with longer rows. Megatron's GPT pretraining trains on every",
         "# token: the chat template's system prompt, the question and the answer (--eod-mask-loss masks the",
-        "# EOD token only). Write the token files from OUT with one of:",
-        *(f"#   {line}" for line in megatron_commands(list(counts))),
+        "# EOD token only). Write the token files from OUT with megatron-core's builder:",
+        f"#   {MEGATRON_INDEXED}",
+        "# or with a Megatron-LM checkout ($MEGATRON_LM): JSONL with a `text` field, then preprocess_data.py:",
+        *(f"#   {line}" for line in megatron_preprocess_commands(list(counts))),
         "# megatron_data.py prints the blend of the tokens it wrote (use that if your tokenizer differs).",
         "# Rows and tokens per part:",
         *(f"#   {n:<{width}}  {counts[n]:>10,} rows  {tokens[n]:>12,} tokens" for n in counts),

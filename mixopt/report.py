@@ -17,7 +17,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
-from mixopt.exports import TESTED_TRAINERS, llamafactory_command, megatron_commands, row_shares, trl_snippet
+from mixopt.exports import (
+    MEGATRON_INDEXED,
+    TESTED_TRAINERS,
+    llamafactory_command,
+    megatron_preprocess_commands,
+    row_shares,
+    trl_snippet,
+)
 
 
 def _epochs_table(counts: Mapping[str, int], epochs: Mapping[str, float], target_name: str) -> str:
@@ -63,7 +70,7 @@ def _loading(schema: str, counts: Mapping[str, int]) -> str:
         if schema == "messages"
         else "TRL reads the `text` column of the mixture's parquet shards (language modelling)"
     )
-    megatron = "\n".join(line for line in megatron_commands(names) if not line.startswith("#"))
+    megatron = "\n".join(megatron_preprocess_commands(names))
     return f"""## Training on it
 
 Every row has {column}, `domain` (the part it came from) and `source_index` (its row in that part's
@@ -117,7 +124,7 @@ Megatron reads token files (`.bin/.idx`). Write them with megatron-core's own bu
 (`exports/megatron_data.py`, copied here from mixopt; it needs pyarrow and transformers):
 
 ```bash
-python exports/megatron_data.py indexed --tokenizer <model>
+{MEGATRON_INDEXED}
 ```
 
 or render JSONL with a `text` field and run Megatron-LM's `tools/preprocess_data.py` (`$MEGATRON_LM` is

@@ -98,7 +98,7 @@ def plan() -> Path:
 def manifest_counts(plan: Path) -> dict[str, int]:
     """Rows per part as the manifest records them (the target under its own name), parts with rows only."""
     manifest = json.loads((plan / "manifest.json").read_text())
-    counts = {manifest["recipe"]["target"]: manifest["solver"]["target_count"]}
+    counts = {manifest["recipe"]["resolved"]["target"]["name"]: manifest["solver"]["target_count"]}
     counts |= {d["name"]: d["count"] for d in manifest["allocation"]}
     return dict(sorted((n, c) for n, c in counts.items() if c))
 
@@ -127,6 +127,10 @@ def tiny_model() -> Path:
     shutil.rmtree(staged, ignore_errors=True)
     model.save_pretrained(staged)
     tokenizer.save_pretrained(staged)
+    # readable by the transformers 4.x some trainers pin: the v5 tokenizer class and rope fields have v4 names
+    for name, fields in {"tokenizer_config.json": {"tokenizer_class": "PreTrainedTokenizerFast"},
+                         "config.json": {"rope_theta": 10000.0}}.items():
+        (staged / name).write_text(json.dumps(json.loads((staged / name).read_text()) | fields, indent=1))
     staged.rename(folder)
     return folder
 

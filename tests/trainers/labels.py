@@ -10,7 +10,7 @@ the mixture the trainer actually trains on, independent of how the trainer loade
 from __future__ import annotations
 
 import json
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -19,43 +19,36 @@ import pyarrow.parquet as pq
 IGNORE = -100
 
 
-def answers(run: Path) -> dict[str, tuple[str, str]]:
-    """answer text -> (domain, question) over every row of `run/parquet/domains/*.parquet`.
-
-    An answer shared by rows of two different domains (or two questions) would make the attribution
-    ambiguous: refuse it rather than guess.
-    """
-    found: dict[str, tuple[str, str]] = {}
+def answers(run: Path) -> dict[str, set[tuple[str, str]]]:
+    """answer text -> the (domain, question) rows with that answer, over `run/parquet/domains/*.parquet`."""
+    found: dict[str, set[tuple[str, str]]] = defaultdict(set)
     for path in sorted((run / "parquet" / "domains").glob("*.parquet")):
         for chat in pq.read_table(path, columns=["messages"]).column("messages").to_pylist():
-            question, answer = chat[0]["content"], chat[-1]["content"]
-            key = answer.strip()
-            if found.setdefault(key, (path.stem, question)) != (path.stem, question):
-                raise ValueError(f"answer {key[:60]!r} belongs to two rows; cannot attribute rows by answer")
+            found[chat[-1]["content"].strip()].add((path.stem, chat[0]["content"].strip()))
     return found
 
 
 def measure(
-    examples: Iterable[tuple[Sequence[int], Sequence[int]]], tokenizer, by_answer: dict[str, tuple[str, str]]
+    examples: Iterable[tuple[Sequence[int], Sequence[int]]], tokenizer, by_answer: dict[str, set[tuple[str, str]]]
 ) -> dict:
-    """Rows per domain, and how many examples break "loss on the answer only" (with the first few)."""
+    """Rows per domain, and how many examples break "loss on the answer only" (with the first few).
+
+    The trained tokens must decode to exactly one row's answer and the masked tokens must hold that row's
+    question; an example that fits rows of two domains is counted as bad, never guessed.
+    """
     counts: Counter[str] = Counter()
     bad: list[str] = []
     n = 0
     for input_ids, labels in examples:
         n += 1
         trained = [t for t, lab in zip(input_ids, labels, strict=True) if lab != IGNORE]
-        masked = [t for t, lab in zip(input_ids, labels, strict=True) if lab == IGNORE]
+        masked = tokenizer.decode([t for t, lab in zip(input_ids, labels, strict=True) if lab == IGNORE])
         text = tokenizer.decode(trained, skip_special_tokens=True).strip()
-        hit = by_answer.get(text)
-        if hit is None:
-            bad.append(f"loss on {text[:80]!r}: not exactly one row's answer")
+        domains = {domain for domain, question in by_answer.get(text, ()) if question in masked}
+        if len(domains) != 1:
+            bad.append(f"loss on {text[:80]!r}: fits {len(domains)} domains' rows (answer, question masked)")
             continue
-        domain, question = hit
-        if question.strip() not in tokenizer.decode(masked, skip_special_tokens=True):
-            bad.append(f"{domain}: the question is not among the masked tokens")
-            continue
-        counts[domain] += 1
+        counts[domains.pop()] += 1
     return {"examples": n, "counts": dict(sorted(counts.items())), "bad": len(bad), "bad_first": bad[:5]}
 
 
