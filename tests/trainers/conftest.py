@@ -128,8 +128,10 @@ def tiny_model() -> Path:
     model.save_pretrained(staged)
     tokenizer.save_pretrained(staged)
     # readable by the transformers 4.x some trainers pin: the v5 tokenizer class and rope fields have v4 names
-    for name, fields in {"tokenizer_config.json": {"tokenizer_class": "PreTrainedTokenizerFast"},
-                         "config.json": {"rope_theta": 10000.0}}.items():
+    for name, fields in {
+        "tokenizer_config.json": {"tokenizer_class": "PreTrainedTokenizerFast"},
+        "config.json": {"rope_theta": 10000.0},
+    }.items():
         (staged / name).write_text(json.dumps(json.loads((staged / name).read_text()) | fields, indent=1))
     staged.rename(folder)
     return folder
