@@ -118,6 +118,10 @@ allocated rows, so the shares come out exactly. It drops rows longer than `seque
 your longest row. Paths are relative to `exports/`: launch from there or make them absolute. Loss on
 {trained["axolotl"]}.
 
+```bash
+cd exports && axolotl train <your config>.yml  # your config, with the datasets: block of axolotl.yaml pasted in
+```
+
 ### Megatron-LM
 
 Megatron reads token files (`.bin/.idx`). Write them with megatron-core's own builder and tokenizer

@@ -225,4 +225,4 @@ def test_run_readme__says_what_each_trainer_trains_on(tmp_path: Path) -> None:
     assert "train_on_prompt: false" in sections["LLaMA-Factory"]
     assert "every token" in sections["Megatron-LM"] and "--workers 1" in sections["Megatron-LM"]
     assert "parquet/domains/law.jsonl" in sections["Megatron-LM"] and "none.jsonl" not in sections["Megatron-LM"]
-    assert "trl 1.16.0" in text and "megatron-core 0.19.2" in text
+    assert "trl 1.16.0" in text and "megatron-core 0.16.1" in text

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -41,14 +40,14 @@ total = sum(f["tokens"] for f in files.values())
 samples = total // SEQ  # one pass: --train-samples = total tokens / --seq-length
 
 
-def sampled(blend_weights: list[float], cache: str) -> tuple[dict[str, int], GPTDataset]:
+def sampled(blend_weights: list[float]) -> tuple[dict[str, int], GPTDataset]:
     """Samples per prefix in the blended train split Megatron builds for `samples` samples, and that split."""
     config = GPTDatasetConfig(
         random_seed=0,
         sequence_length=SEQ,
         blend=([str(run / p) for p in prefixes], blend_weights),
         split="1,0,0",
-        path_to_cache=cache,
+        path_to_cache=None,  # in memory: a cache folder needs torch.distributed initialised
         tokenizer=tokenizer,
         reset_position_ids=False,
         reset_attention_mask=False,
@@ -59,14 +58,13 @@ def sampled(blend_weights: list[float], cache: str) -> tuple[dict[str, int], GPT
     return {p: picked[i] for i, p in enumerate(prefixes)}, train
 
 
-with tempfile.TemporaryDirectory() as cache:
-    by_tokens, train = sampled(weights, cache + "/tokens")
-    rows = [f["documents"] for f in files.values()]
-    by_rows, _ = sampled([float(n) for n in rows], cache + "/rows")  # the old export's row shares
-    # the loss mask: one sample in full
-    sample = train[0]
-    loss = sample["loss_mask"].numpy()
-    text = tokenizer.detokenize(sample["tokens"].tolist())
+by_tokens, train = sampled(weights)
+by_rows, _ = sampled([float(f["documents"]) for f in files.values()])  # the old export's row shares
+# the loss mask over the first samples: how many of their tokens carry a loss, and whether the chat
+# template's system prompt is among them (the first words of SmolLM2's default system message)
+first = [train[i] for i in range(50)]
+loss_tokens = sum(int(s["loss_mask"].sum()) for s in first)
+system_trained = any("helpful AI assistant" in tokenizer.detokenize(s["tokens"].tolist()) for s in first)
 
 
 def rows_worth(picked: dict[str, int]) -> dict[str, float]:
@@ -89,9 +87,9 @@ save(
         "sampled": {name(p): n for p, n in by_tokens.items()},
         "rows_worth": {name(p): r for p, r in rows_worth(by_tokens).items()},
         "rows_worth_if_weighted_by_rows": {name(p): r for p, r in rows_worth(by_rows).items()},
-        "loss_tokens": int(loss.sum()),
-        "sample_tokens": int(loss.size),
-        "sample_text_has_system_prompt": "<|im_start|>system" in text,
+        "loss_tokens": loss_tokens,
+        "sample_tokens": sum(int(s["loss_mask"].numel()) for s in first),
+        "system_prompt_trained": system_trained,
         "version": __import__("megatron.core", fromlist=["package_info"]).package_info.__version__,
     },
 )

@@ -46,5 +46,5 @@ def test_megatron__token_weighted_blend_samples_each_file_once(
     off = [abs(measured["rows_worth_if_weighted_by_rows"][n] - manifest_counts[n]) for n in files]
     assert max(off) > 2 * seq * max(f["documents"] / f["tokens"] for f in files.values())
     # GPT pretraining: a loss on every token of the sample, the chat template's system prompt included
-    assert measured["loss_tokens"] == measured["sample_tokens"] == seq
-    assert measured["sample_text_has_system_prompt"]
+    assert measured["loss_tokens"] == measured["sample_tokens"] == 50 * seq
+    assert measured["system_prompt_trained"]
