@@ -5,6 +5,7 @@ Not part of `make test` or CI: the installs are GBs and minutes each. Everything
 (installed first, then the trainer under a constraint so pip cannot replace it), a tiny random Llama with
 the embedded SmolLM2 tokenizer, and the plan `mixopt plan recipes/quickstart.yaml --budget 2000` writes
 (MIXOPT_TRAINERS_PLAN=<run folder> reuses one). A venv is reused while its stamp names the same packages.
+MEGATRON_LM=<a Megatron-LM checkout> also runs the README's preprocess_data.py route (not on PyPI).
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ PACKAGES = {
     "axolotl": [f"axolotl=={TESTED_TRAINERS['axolotl']}"],
     "megatron": [f"megatron-core=={TESTED_TRAINERS['megatron-core']}", "transformers", "pyarrow"],
 }
+if os.environ.get("MEGATRON_LM"):  # a Megatron-LM checkout: its tools/preprocess_data.py imports these too
+    PACKAGES["megatron"] += ["six", "triton"]
 
 
 def trainers_dir() -> Path:
@@ -41,6 +44,17 @@ def trainers_dir() -> Path:
 def _pip(venv: Path, args: list[str], log: Path) -> None:
     with log.open("a") as f:
         subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", *args], check=True, stdout=f, stderr=f)
+
+
+def _fit_to_cpu_torch(venv: Path, log: Path) -> None:
+    """PyPI's torchvision and torchaudio (LLaMA-Factory requires both) are built against another torch, and
+    their compiled ops fail to load on the CPU torch 2.13: transformers imports torchvision when it is there
+    (so: uninstall it), LLaMA-Factory imports torchaudio at module level (so: keep its Python, drop its
+    compiled extension, which torchaudio's loader treats as absent). Text fine-tuning uses neither."""
+    with log.open("a") as f:
+        subprocess.run([str(venv / "bin/python"), "-m", "pip", "uninstall", "-y", "torchvision"], check=True, stdout=f)
+    for library in venv.glob("lib/python3*/site-packages/torchaudio/lib/*.so"):
+        library.unlink()
 
 
 def trainer_venv(name: str) -> Path:
@@ -57,6 +71,7 @@ def trainer_venv(name: str) -> Path:
     print(f"installing {' '.join(wanted)} into {venv} (log: {log})", file=sys.stderr)
     _pip(venv, [TORCH], log)
     _pip(venv, ["-c", str(constraint), *PACKAGES[name]], log)
+    _fit_to_cpu_torch(venv, log)
     stamp.write_text(json.dumps(wanted))
     return venv
 

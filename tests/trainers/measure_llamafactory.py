@@ -20,7 +20,7 @@ model, result = sys.argv[1], Path(sys.argv[2])
 run = Path.cwd()
 command = readme_block(run, "LLaMA-Factory", "bash").strip()
 command = substitute(substitute(command, "<model>", model), "<template>", TEMPLATE)
-command += " max_steps=2 report_to=none save_strategy=no"
+command += " max_steps=2 report_to=none"
 trained = subprocess.run(command, shell=True, capture_output=True, text=True)
 if trained.returncode != 0:
     sys.exit(f"{command}\n{trained.stdout[-3000:]}\n{trained.stderr[-6000:]}")
@@ -32,6 +32,7 @@ from llamafactory.model import load_tokenizer  # noqa: E402
 words = shlex.split(command)
 args = yaml.safe_load(Path(words[2]).read_text())  # the YAML, then the command line's key=value overrides
 args |= {k: yaml.safe_load(v) for k, v in (w.split("=", 1) for w in words[3:])}
+args["output_dir"] = "measure"  # the training run's folder holds its model now; LLaMA-Factory would refuse it
 model_args, data_args, training_args, finetuning_args, _ = get_train_args(args)
 tokenizer_module = load_tokenizer(model_args)
 tokenizer = tokenizer_module["tokenizer"]

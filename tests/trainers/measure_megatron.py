@@ -5,6 +5,7 @@ pass samples from each prefix, and which tokens carry a loss. argv: model folder
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections import Counter
@@ -21,6 +22,26 @@ model, result = sys.argv[1], Path(sys.argv[2])
 run = Path.cwd()
 command = substitute(readme_block(run, "Megatron-LM", "bash"), "<model>", model).strip()
 printed = subprocess.run(command, shell=True, check=True, capture_output=True, text=True).stdout.strip()
+
+
+def preprocess_route_identical() -> bool | None:
+    """With MEGATRON_LM (a Megatron-LM checkout) set: the README's other route (JSONL, then preprocess_data.py)
+    writes the same bytes as megatron-core's builder did. None without a checkout (not on PyPI)."""
+    if not os.environ.get("MEGATRON_LM"):
+        return None
+    written = {
+        p: (run / p).read_bytes()
+        for p in sorted(str(q.relative_to(run)) for q in run.glob("parquet/domains/*_text_document.*"))
+    }
+    for p in written:
+        (run / p).unlink()
+    env = os.environ | {"PYTHONPATH": os.environ["MEGATRON_LM"]}  # its megatron.training; tools/ imports it
+    lines = substitute(readme_block(run, "Megatron-LM", "bash", index=1), "<model>", model)
+    subprocess.run(["bash", "-e", "-c", lines], check=True, capture_output=True, text=True, env=env)
+    return all((run / p).read_bytes() == data for p, data in written.items())
+
+
+identical = preprocess_route_identical()
 
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder  # noqa: E402
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig  # noqa: E402
@@ -90,6 +111,7 @@ save(
         "loss_tokens": loss_tokens,
         "sample_tokens": sum(int(s["loss_mask"].numel()) for s in first),
         "system_prompt_trained": system_trained,
+        "preprocess_data_identical": identical,
         "version": __import__("megatron.core", fromlist=["package_info"]).package_info.__version__,
     },
 )

@@ -48,3 +48,26 @@ def test_megatron__token_weighted_blend_samples_each_file_once(
     # GPT pretraining: a loss on every token of the sample, the chat template's system prompt included
     assert measured["loss_tokens"] == measured["sample_tokens"] == 50 * seq
     assert measured["system_prompt_trained"]
+    # with a Megatron-LM checkout (MEGATRON_LM): its preprocess_data.py, as the README prints it, writes the same bytes
+    assert measured["preprocess_data_identical"] in (None, True)
+
+
+def test_llamafactory__readme_command_trains_on_the_manifest_rows_with_loss_on_answers_only(
+    run: Path, tiny_model: Path, tmp_path: Path, manifest_counts: dict[str, int]
+) -> None:
+    measured = run_measure("llamafactory", run, tiny_model, tmp_path)
+    _report("llamafactory", measured)
+    assert "train_loss" in measured["trained_log_tail"] and measured["num_train_epochs"] == 1
+    assert measured["bad"] == 0, measured["bad_first"]
+    assert measured["counts"] == manifest_counts  # concat over the pre-sampled files: every row once
+    assert measured["examples"] == sum(manifest_counts.values())
+
+
+def test_axolotl__exported_block_trains_on_the_manifest_rows_with_loss_on_answers_only(
+    run: Path, tiny_model: Path, tmp_path: Path, manifest_counts: dict[str, int]
+) -> None:
+    measured = run_measure("axolotl", run, tiny_model, tmp_path)
+    _report("axolotl", measured)
+    assert measured["bad"] == 0, measured["bad_first"]
+    assert measured["counts"] == manifest_counts
+    assert measured["examples"] == sum(manifest_counts.values())
