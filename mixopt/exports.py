@@ -43,9 +43,10 @@ TRL_FILES = "parquet/trl/*.parquet"  # relative to OUT: the mixture in TRL's pro
 LLAMAFACTORY_DIR = "exports/llamafactory"
 MODEL_PLACEHOLDER = "<model>"  # the hub id or folder of the model you fine-tune; the README says so
 # The trainer versions `make test-trainers` installs and the run README names (tests/trainers). megatron-core
-# 0.17+ needs Python >= 3.12; mixopt's machines have the CPU torch for 3.11 only, so 0.16.1 (the same
-# tokenizer, IndexedDatasetBuilder and BlendedMegatronDatasetBuilder APIs as 0.19).
-TESTED_TRAINERS = {"trl": "1.16.0", "llamafactory": "0.9.5", "axolotl": "0.21.0", "megatron-core": "0.16.1"}
+# 0.17+ and axolotl 0.20+ need Python >= 3.12, and mixopt's machines have the CPU torch for 3.11 only: so
+# megatron-core 0.16.1 (the same tokenizer, IndexedDatasetBuilder and BlendedMegatronDatasetBuilder APIs as
+# 0.19) and axolotl 0.19.0.
+TESTED_TRAINERS = {"trl": "1.16.0", "llamafactory": "0.9.5", "axolotl": "0.19.0", "megatron-core": "0.16.1"}
 
 
 def row_shares(counts: Mapping[str, int], decimals: int = DECIMALS) -> dict[str, str]:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.trainers.conftest import run_measure
+from tests.trainers.harness import run_measure
 
 pytestmark = pytest.mark.trainers
 
