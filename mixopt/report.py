@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -64,9 +65,9 @@ def _loading(schema: str, counts: Mapping[str, int]) -> str:
     names = [name for name, count in counts.items() if count > 0]
     total = sum(counts.values())
     column = "`messages` (user/assistant turns)" if schema == "messages" else "`text`"
-    trained = _trained_on(schema)
+    trained = {name: textwrap.fill(text, 108) for name, text in _trained_on(schema).items()}
     trl_form = (
-        "`parquet/trl/` holds the mixture in TRL's conversational prompt/completion form (same rows, same order)"
+        "`parquet/trl/` holds the mixture in TRL's conversational prompt/completion form (same rows, same\norder)"
         if schema == "messages"
         else "TRL reads the `text` column of the mixture's parquet shards (language modelling)"
     )
@@ -93,7 +94,9 @@ Counter(mixture["domain"])  # rows per part, as in the table above
 
 ### TRL
 
-{trl_form}. Loss on {trained["trl"]}. On CPU or GPU as printed (bf16 only where the GPU has it):
+{trl_form}.
+Loss on {trained["trl"]}.
+On CPU or GPU as printed (bf16 only where the GPU has it):
 
 ```python
 {trl_snippet(schema).strip()}
@@ -104,7 +107,8 @@ Counter(mixture["domain"])  # rows per part, as in the table above
 `exports/llamafactory/dataset_info.json` declares one dataset per part, each reading
 `parquet/domains/<part>.parquet` with `num_samples` = its rows; `exports/llamafactory/train_args.yaml`
 lists them all with `mix_strategy: concat` (every row once: exactly the mixture). `template` is
-LLaMA-Factory's name for your model's chat format. Loss on {trained["llamafactory"]}.
+LLaMA-Factory's name for your model's chat format.
+Loss on {trained["llamafactory"]}.
 
 ```bash
 {llamafactory_command()}
@@ -115,8 +119,8 @@ LLaMA-Factory's name for your model's chat format. Loss on {trained["llamafactor
 `exports/axolotl.yaml` is a `datasets:` block over the per-part parquet files: paste it into your axolotl
 config. axolotl has no mixing weight: it concatenates the files, and each already holds its part's
 allocated rows, so the shares come out exactly. It drops rows longer than `sequence_len`: set that above
-your longest row. Paths are relative to `exports/`: launch from there or make them absolute. Loss on
-{trained["axolotl"]}.
+your longest row. Paths are relative to `exports/`: launch from there or make them absolute.
+Loss on {trained["axolotl"]}.
 
 ```bash
 cd exports && axolotl train <your config>.yml  # your config, with the datasets: block of axolotl.yaml pasted in
@@ -141,7 +145,8 @@ your checkout):
 Then train with `exports/megatron_blend.txt`'s `--data-path` line (or `--per-split-data-args-path
 exports/megatron_blend.json`). Each prefix's weight is its number of tokens: Megatron gives each prefix
 that share of the sampled sequences, so `--train-samples` = total tokens / `--seq-length` reads every
-file once, and each file holds its part's allocated rows. Loss on {trained["megatron"]}.
+file once, and each file holds its part's allocated rows.
+Loss on {trained["megatron"]}.
 
 The parquet files and exports are written when the recipe's `output.formats` includes `parquet`;
 `mixture/` when it includes `arrow`.

@@ -31,6 +31,8 @@ config = {
     "output_dir": "./axolotl-out",
     "dataset_prepared_path": "./axolotl-prepared",
     "save_strategy": "no",
+    "bf16": False,  # CPU
+    "fp16": False,
 } | block
 (run / "exports/run.yml").write_text(yaml.safe_dump(config, sort_keys=False))
 command = substitute(readme_block(run, "axolotl", "bash").split("#")[0].strip(), "<your config>.yml", "run.yml")
