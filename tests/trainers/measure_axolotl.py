@@ -14,6 +14,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).parent))
 from labels import answers, measure, readme_block, save, substitute  # noqa: E402
 
+os.environ |= {"AXOLOTL_DO_NOT_TRACK": "1", "DO_NOT_TRACK": "1"}  # offline: no telemetry, here or in the CLI
 model, result = sys.argv[1], Path(sys.argv[2])
 run = Path.cwd()
 block = yaml.safe_load((run / "exports/axolotl.yaml").read_text())  # the export, as a user pastes it
@@ -36,8 +37,7 @@ config = {
 } | block
 (run / "exports/run.yml").write_text(yaml.safe_dump(config, sort_keys=False))
 command = substitute(readme_block(run, "axolotl", "bash").split("#")[0].strip(), "<your config>.yml", "run.yml")
-env = os.environ | {"AXOLOTL_DO_NOT_TRACK": "1", "DO_NOT_TRACK": "1"}
-trained = subprocess.run(command, shell=True, capture_output=True, text=True, env=env)
+trained = subprocess.run(command, shell=True, capture_output=True, text=True)
 if trained.returncode != 0:
     sys.exit(f"{command}\n{trained.stdout[-4000:]}\n{trained.stderr[-8000:]}")
 
