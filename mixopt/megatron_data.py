@@ -61,9 +61,24 @@ def documents(path: Path, tokenizer: Any) -> Iterator[list[int]]:
             yield [*ids, tokenizer.eos_token_id]
 
 
+def _rows(out: Path, prefix_list: list[str]) -> int:
+    import pyarrow.parquet as pq
+
+    return sum(pq.ParquetFile(out / source_of(p)).metadata.num_rows for p in prefix_list)
+
+
 def count_tokens(out: Path, prefix_list: list[str], tokenizer: Any) -> dict[str, int]:
     """Tokens per prefix (EOS included) that preprocess_data.py writes for its parquet file under `out`."""
-    return {p: sum(len(doc) for doc in documents(out / source_of(p), tokenizer)) for p in prefix_list}
+    from tqdm import tqdm  # a transformers dependency
+
+    tokens = {}
+    with tqdm(total=_rows(out, prefix_list), desc="megatron tokens", unit="row", file=sys.stderr) as bar:
+        for prefix in prefix_list:
+            tokens[prefix] = 0
+            for doc in documents(out / source_of(prefix), tokenizer):
+                tokens[prefix] += len(doc)
+                bar.update()
+    return tokens
 
 
 def blend_line(tokens: dict[str, int]) -> str:
@@ -94,17 +109,20 @@ def write_indexed(out: Path, prefix_list: list[str], tokenizer_model: str) -> di
     library = {"library": "huggingface"}
     megatron = MegatronTokenizer.from_pretrained(tokenizer_path=tokenizer_model, metadata_path=library)
     hf = AutoTokenizer.from_pretrained(tokenizer_model)  # the same files: its chat template renders the rows
+    from tqdm import tqdm
+
     tokens = {}
-    for prefix in prefix_list:
-        builder = IndexedDatasetBuilder(str(out / f"{prefix}.bin"), dtype=DType.optimal_dtype(megatron.vocab_size))
-        total = 0
-        for batch in texts(out / source_of(prefix), hf):
-            for text in batch:
-                ids = [*megatron.tokenize(text), megatron.eod]
-                builder.add_document(ids, [len(ids)])
-                total += len(ids)
-        builder.finalize(str(out / f"{prefix}.idx"))
-        tokens[prefix] = total
+    with tqdm(total=_rows(out, prefix_list), desc="megatron .bin/.idx", unit="row", file=sys.stderr) as bar:
+        for prefix in prefix_list:
+            builder = IndexedDatasetBuilder(str(out / f"{prefix}.bin"), dtype=DType.optimal_dtype(megatron.vocab_size))
+            tokens[prefix] = 0
+            for batch in texts(out / source_of(prefix), hf):
+                for text in batch:
+                    ids = [*megatron.tokenize(text), megatron.eod]
+                    builder.add_document(ids, [len(ids)])
+                    tokens[prefix] += len(ids)
+                bar.update(len(batch))
+            builder.finalize(str(out / f"{prefix}.idx"))
     return tokens
 
 
