@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 MIXOPT := $(VENV)/bin/mixopt
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-slow lint check demo bench clean
+.PHONY: install test test-slow test-trainers lint check demo bench clean
 
 install: $(STAMP)
 
@@ -22,6 +22,9 @@ test: install  ## fast suite (< 10 min on 2 cores); includes `mixopt check recip
 
 test-slow: install  ## real-model and long tests
 	$(PY) -m pytest -m slow
+
+test-trainers: install  ## TRL, LLaMA-Factory, axolotl, Megatron from PyPI, one venv each in .trainers/ (not CI)
+	$(PY) -m pytest -m trainers -s tests/trainers
 
 lint: install  ## ruff (lint + format) and mypy on mixopt/, as CI runs them
 	$(VENV)/bin/ruff check .

@@ -394,17 +394,44 @@ def _by_domain(table: pa.Table) -> tuple[pa.Table, dict[str, tuple[int, int]]]:
     return table.take(np.argsort(codes, kind="stable")), dict(sorted(spans.items()))
 
 
+def _write_shards(table: pa.Table, out: Path, stem: str) -> list[str]:
+    """`table` as `OUT/<stem>-0000i-of-0000N.parquet` shards of ~ROWS_PER_SHARD rows (as ds.shard cuts them)."""
+    shards = max(1, math.ceil(table.num_rows / ROWS_PER_SHARD))
+    sizes = [table.num_rows // shards + (i < table.num_rows % shards) for i in range(shards)]
+    written = []
+    for i, (start, size) in enumerate(zip(np.cumsum([0, *sizes[:-1]]), sizes, strict=True)):
+        rel = f"{stem}-{i:05d}-of-{shards:05d}.parquet"
+        pq.write_table(table.slice(int(start), size), out / rel)
+        written.append(rel)
+    return written
+
+
+def prompt_completion(table: pa.Table) -> pa.Table:
+    """A `messages` mixture in TRL's conversational prompt/completion form, same rows and order.
+
+    `prompt` = the user turn, `completion` = the assistant turn (each a one-message list), then `domain` and
+    `source_index`. TRL's SFTTrainer puts the loss on the completion only for this form (completion_only_loss).
+    """
+    messages = table.column("messages")
+    return pa.table(
+        {
+            "prompt": pc.list_slice(messages, 0, 1),  # [user]: every mixture row is [user, assistant]
+            "completion": pc.list_slice(messages, 1, 2),  # [assistant]
+            "domain": table.column("domain"),
+            "source_index": table.column("source_index"),
+        }
+    )
+
+
 def _write_parquet(ds: datasets.Dataset, out: Path) -> dict[str, str]:
     # datasets' features in the file metadata (load_dataset("parquet") restores them); not its fingerprint
     table = ds.with_format("arrow")[:].replace_schema_metadata(ds.features.arrow_schema.metadata)
     (out / "parquet" / "domains").mkdir(parents=True, exist_ok=True)
-    written: dict[str, str] = {}
-    shards = max(1, math.ceil(table.num_rows / ROWS_PER_SHARD))
-    sizes = [table.num_rows // shards + (i < table.num_rows % shards) for i in range(shards)]  # as ds.shard
-    for i, (start, size) in enumerate(zip(np.cumsum([0, *sizes[:-1]]), sizes, strict=True)):
-        rel = f"parquet/mixture-{i:05d}-of-{shards:05d}.parquet"
-        pq.write_table(table.slice(int(start), size), out / rel)
-        written[f"parquet:{i:05d}"] = rel
+    written = {f"parquet:{i:05d}": rel for i, rel in enumerate(_write_shards(table, out, "parquet/mixture"))}
+    if "messages" in table.column_names:  # TRL trains on completions only from this form
+        (out / "parquet" / "trl").mkdir(exist_ok=True)
+        trl = _write_shards(prompt_completion(table), out, "parquet/trl/prompt-completion")
+        written |= {f"trl:{i:05d}": rel for i, rel in enumerate(trl)}
     # Trainers without mixing weights (axolotl) need each domain's allocated rows in a file of its own.
     by_domain, spans = _by_domain(table)
     for name, (start, size) in spans.items():
@@ -434,8 +461,9 @@ def write_mixture(ds: datasets.Dataset, out: Path, formats: Sequence[str]) -> di
     """Write the mixture under `out`; returns what was written -> its path relative to `out`.
 
     "arrow": `mixture/` (`datasets.load_from_disk`). "parquet": `parquet/mixture-0000i-of-0000N.parquet`
-    shards of ~100k rows, and one `parquet/domains/<domain>.parquet` per domain.
-    Keys: "arrow", "parquet:00000", ..., "domain:<name>".
+    shards of ~100k rows, one `parquet/domains/<domain>.parquet` per domain, and for a chat mixture the same
+    shards in TRL's prompt/completion form (`parquet/trl/prompt-completion-0000i-of-0000N.parquet`).
+    Keys: "arrow", "parquet:00000", ..., "trl:00000", ..., "domain:<name>".
 
     >>> import tempfile
     >>> ds = build_mixture([MixturePart("law", datasets.Dataset.from_dict({"text": ["a", "b"]}), 2, 0)], 0)

@@ -141,6 +141,7 @@ def score_recipe(recipe: Recipe, timings: Timings | None = None) -> tuple[Scores
         "device": str(model.lm.device),
         "dtype": str(model.lm.dtype).removeprefix("torch."),
         "timings": timings,
+        "tokenizer": model.lm.tokenizer,  # the exports count each file's Megatron tokens with it
     }
     return scores, context
 
@@ -317,7 +318,7 @@ def plan_recipe(recipe: Recipe, out: Path, force: bool = False, dry_run: bool = 
         epochs = {name: counts[name] / max(available[name], 1) for name in counts}
         schema = common_schema(parts)
         if "parquet" in recipe.output.formats:  # the exports point at the per-domain parquet files
-            write_exports(staged, counts, epochs, schema)
+            write_exports(staged, counts, epochs, schema, context["tokenizer"])
         (staged / "plots").mkdir()
         ranked = scores.ranked()
         plot_scores(

@@ -14,11 +14,19 @@ Example:
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mixopt.exports import row_shares
+from mixopt.exports import (
+    MEGATRON_INDEXED,
+    TESTED_TRAINERS,
+    llamafactory_command,
+    megatron_preprocess_commands,
+    row_shares,
+    trl_snippet,
+)
 
 if TYPE_CHECKING:
     from mixopt.scores import Scores
@@ -35,18 +43,48 @@ def _epochs_table(counts: Mapping[str, int], epochs: Mapping[str, float], target
     return "\n".join(lines)
 
 
-def _loading(schema: str, total: int) -> str:
-    column = "`messages` (user/assistant turns)" if schema == "messages" else "`text`"
-    trl_kind = (
-        "conversational: TRL applies the model's chat template"
-        if schema == "messages"
-        else "plain text: TRL trains on the `text` column (language modelling)"
+TRAINER_VERSIONS = ", ".join(f"{name} {version}" for name, version in TESTED_TRAINERS.items())
+
+
+def _trained_on(schema: str) -> dict[str, str]:
+    """What each trainer puts the loss on, as its section says it."""
+    if schema == "text":
+        every = "every token of `text`"
+        return {"trl": every, "llamafactory": every + " (`stage: pt`)", "axolotl": every, "megatron": every}
+    assistant = (
+        "the assistant's answer (and the end-of-turn token the template closes it with); the question and "
+        "any system prompt the chat template adds are masked"
     )
-    stage = "sft" if schema == "messages" else "pt"
-    return f"""## Loading it
+    return {
+        "trl": assistant + " (TRL's `completion_only_loss`, on by default for prompt/completion data)",
+        "llamafactory": assistant + " (`train_on_prompt: false`)",
+        "axolotl": assistant + " (`roles_to_train: [assistant]`, `train_on_inputs: false` by default)",
+        "megatron": (
+            "every token: the system prompt the chat template adds, the question and the answer "
+            "(Megatron's GPT pretraining has no prompt mask; `--eod-mask-loss` masks the EOD token only)"
+        ),
+    }
+
+
+def _loading(schema: str, counts: Mapping[str, int]) -> str:
+    names = [name for name, count in counts.items() if count > 0]
+    total = sum(counts.values())
+    column = "`messages` (user/assistant turns)" if schema == "messages" else "`text`"
+    trained = {name: textwrap.fill(text, 108) for name, text in _trained_on(schema).items()}
+    trl_form = (
+        "`parquet/trl/` holds the mixture in TRL's conversational prompt/completion form (same rows, same\norder)"
+        if schema == "messages"
+        else "TRL reads the `text` column of the mixture's parquet shards (language modelling)"
+    )
+    megatron = "\n".join(megatron_preprocess_commands(names))
+    return f"""## Training on it
 
 Every row has {column}, `domain` (the part it came from) and `source_index` (its row in that part's
-source). The rows are already mixed and shuffled: one pass over them trains on exactly the allocated counts.
+source). The rows are already drawn: each part's file holds exactly its allocated rows, so one pass over the
+files (one epoch) trains on exactly the mixture; more epochs repeat every part alike. `<model>` below is the
+hub id or folder of the model you fine-tune; commands run from this folder. `make test-trainers` in mixopt
+runs these commands on a quickstart plan, 2 steps each on a tiny model, and checks the rows per part and
+the loss mask; it passed with {TRAINER_VERSIONS} (torch 2.13.0, CPU).
 
 ### datasets
 
@@ -61,43 +99,59 @@ Counter(mixture["domain"])  # rows per part, as in the table above
 
 ### TRL
 
+{trl_form}.
+Loss on {trained["trl"]}.
+On CPU or GPU as printed (bf16 only where the GPU has it):
+
 ```python
-from datasets import load_from_disk
-from trl import SFTConfig, SFTTrainer
-
-train = load_from_disk("mixture").remove_columns(["domain", "source_index"])
-trainer = SFTTrainer(model="<model id or folder>", train_dataset=train, args=SFTConfig(output_dir="sft"))
-trainer.train()
+{trl_snippet(schema).strip()}
 ```
-
-The dataset is {trl_kind}. `num_train_epochs=1` trains once on the mixture as allocated; more epochs
-repeat every part alike, so the shares stay the same.
 
 ### LLaMA-Factory
 
-`exports/llamafactory_dataset_info.json` declares one dataset per part, each reading
-`parquet/domains/<part>.parquet` with `num_samples` = its allocated rows. Merge
-`exports/llamafactory_train_args.yaml` into your training YAML (use `stage: {stage}`) and launch from
-this folder: it sets `dataset_dir: exports`, `dataset: <all parts>`, `mix_strategy: interleave_under`
-and `interleave_probs` = each part's share of the rows. `interleave_under` stops when the first part
-runs out, so a few rows of the others go unused; `mix_strategy: concat` trains on exactly the
-allocated rows, since each file already holds its part's count.
+`exports/llamafactory/dataset_info.json` declares one dataset per part, each reading
+`parquet/domains/<part>.parquet` with `num_samples` = its rows; `exports/llamafactory/train_args.yaml`
+lists them all with `mix_strategy: concat` (every row once: exactly the mixture). `template` is
+LLaMA-Factory's name for your model's chat format.
+Loss on {trained["llamafactory"]}.
+
+```bash
+{llamafactory_command()}
+```
 
 ### axolotl
 
-`exports/axolotl.yaml` is a `datasets:` block over the per-part parquet files. axolotl has no mixing
-weight: it concatenates the files, and each already holds its part's allocated rows (a source smaller
-than its allocation appears more than once), so the shares come out exactly. `num_epochs` repeats every
-file alike. Paths are relative to `exports/`: launch from there or make them absolute.
+`exports/axolotl.yaml` is a `datasets:` block over the per-part parquet files: paste it into your axolotl
+config. axolotl has no mixing weight: it concatenates the files, and each already holds its part's
+allocated rows, so the shares come out exactly. It drops rows longer than `sequence_len`: set that above
+your longest row. Paths are relative to `exports/`: launch from there or make them absolute.
+Loss on {trained["axolotl"]}.
+
+```bash
+cd exports && axolotl train <your config>.yml  # your config, with the datasets: block of axolotl.yaml pasted in
+```
 
 ### Megatron-LM
 
-`exports/megatron_blend.txt` holds `--data-path w1 prefix1 w2 prefix2 ...` and
-`exports/megatron_blend.json` the same blend for `--per-split-data-args-path`. The weights are each
-part's share of the rows (Megatron normalises them). Megatron reads tokenised `.bin/.idx` files: the
-comments in `megatron_blend.txt` give the `tools/preprocess_data.py` command that turns each parquet
-file into the prefix the blend names. Megatron samples fixed-length token sequences, so a part with
-longer rows gets more tokens than its row share.
+Megatron reads token files (`.bin/.idx`). Write them with megatron-core's own builder and tokenizer
+(`exports/megatron_data.py`, copied here from mixopt; it needs pyarrow and transformers):
+
+```bash
+{MEGATRON_INDEXED}
+```
+
+or render JSONL with a `text` field and run Megatron-LM's `tools/preprocess_data.py` (`$MEGATRON_LM` is
+your checkout):
+
+```bash
+{megatron}
+```
+
+Then train with `exports/megatron_blend.txt`'s `--data-path` line (or `--per-split-data-args-path
+exports/megatron_blend.json`). Each prefix's weight is its number of tokens: Megatron gives each prefix
+that share of the sampled sequences, so `--train-samples` = total tokens / `--seq-length` reads every
+file once, and each file holds its part's allocated rows.
+Loss on {trained["megatron"]}.
 
 The parquet files and exports are written when the recipe's `output.formats` includes `parquet`;
 `mixture/` when it includes `arrow`.
@@ -150,7 +204,7 @@ so every source row appears floor or ceil of that many times.
 
 {_epochs_table(counts, epochs, target_name)}
 
-{_loading(schema, total)}"""
+{_loading(schema, counts)}"""
     out.mkdir(parents=True, exist_ok=True)
     (out / "README.md").write_text(text)
 

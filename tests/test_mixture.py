@@ -1,8 +1,7 @@
-"""Mixture, exports, plots and the run README, on tiny in-memory datasets."""
+"""Mixture, plots and the run README, on tiny in-memory datasets (exports: test_exports.py)."""
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from pathlib import Path
 
@@ -11,10 +10,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import yaml
 
 from mixopt.errors import MixoptError
-from mixopt.exports import row_shares, write_exports
 from mixopt.mixture import (
     MixturePart,
     build_mixture,
@@ -227,84 +224,6 @@ def test_write_mixture__an_unknown_format_is_named(tmp_path: Path) -> None:
         write_mixture(build_mixture(chat_parts({"law": 2}), seed=0), tmp_path, ["jsonl"])
 
 
-# --------------------------------------------------------------------------------------------- exports
-
-COUNTS = {"target": 500, "law": 200, "math": 299, "empty": 0, "code": 1}
-EPOCHS = {"target": 0.5, "law": 2.0, "math": 0.3, "empty": 0.0, "code": 0.01}
-
-
-def test_row_shares__sum_to_exactly_one_and_match_count_over_total() -> None:
-    shares = row_shares({"a": 1, "b": 1, "c": 1, "d": 4})
-    assert sum(int(s.replace(".", "")) for s in shares.values()) == 1_000_000
-    for name, count in {"a": 1, "b": 1, "c": 1, "d": 4}.items():
-        assert abs(float(shares[name]) - count / 7) <= 1e-6
-
-
-def test_write_exports__llamafactory_probs_sum_to_one_and_match_counts(tmp_path: Path) -> None:
-    write_exports(tmp_path, COUNTS, EPOCHS, "messages")
-    info = json.loads((tmp_path / "exports/llamafactory_dataset_info.json").read_text())
-    kept = {n: c for n, c in COUNTS.items() if c}
-    assert list(info) == list(kept)  # the part with no rows is left out
-    assert {n: e["num_samples"] for n, e in info.items()} == kept
-    assert info["law"]["file_name"] == "../parquet/domains/law.parquet"
-    assert info["law"]["formatting"] == "sharegpt" and info["law"]["tags"]["assistant_tag"] == "assistant"
-
-    args = yaml.safe_load((tmp_path / "exports/llamafactory_train_args.yaml").read_text())
-    assert args["dataset"].split(",") == list(kept)
-    assert args["mix_strategy"] == "interleave_under"
-    probs = [float(p) for p in args["interleave_probs"].split(",")]
-    assert sum(int(p.replace(".", "")) for p in args["interleave_probs"].split(",")) == 1_000_000
-    total = sum(kept.values())
-    assert all(abs(p - c / total) <= 1e-6 for p, c in zip(probs, kept.values(), strict=True))
-
-
-def test_write_exports__text_schema_uses_prompt_only_alpaca_and_completion(tmp_path: Path) -> None:
-    write_exports(tmp_path, {"target": 3, "wiki": 2}, {}, "text")
-    info = json.loads((tmp_path / "exports/llamafactory_dataset_info.json").read_text())
-    assert info["wiki"]["columns"] == {"prompt": "text"} and "formatting" not in info["wiki"]
-    entries = yaml.safe_load((tmp_path / "exports/axolotl.yaml").read_text())["datasets"]
-    assert {e["type"] for e in entries} == {"completion"} and {e["field"] for e in entries} == {"text"}
-
-
-def test_write_exports__megatron_weights_are_the_shares_of_rows(tmp_path: Path) -> None:
-    write_exports(tmp_path, COUNTS, EPOCHS, "messages")
-    kept = {n: c for n, c in COUNTS.items() if c}
-    total = sum(kept.values())
-    line = [s for s in (tmp_path / "exports/megatron_blend.txt").read_text().splitlines() if not s.startswith("#")]
-    assert len(line) == 1 and line[0].startswith("--data-path ")
-    blend = line[0].split()[1:]
-    blend_json = json.loads((tmp_path / "exports/megatron_blend.json").read_text())
-    assert blend_json == {"train": blend, "valid": None, "test": None}
-    weights, prefixes = [float(w) for w in blend[::2]], blend[1::2]
-    assert prefixes == [f"parquet/domains/{n}_text_document" for n in kept]
-    assert all(abs(w - c / total) <= 1e-6 for w, c in zip(weights, kept.values(), strict=True))
-
-
-def test_write_exports__axolotl_yaml_parses_and_lists_every_domain_file(tmp_path: Path) -> None:
-    written = write_exports(tmp_path, COUNTS, EPOCHS, "messages")
-    assert "exports/axolotl.yaml" in written
-    text = (tmp_path / "exports/axolotl.yaml").read_text()
-    assert "no mixing weight" in text
-    entries = yaml.safe_load(text)["datasets"]
-    assert [e["path"] for e in entries] == [f"../parquet/domains/{n}.parquet" for n, c in COUNTS.items() if c]
-    assert all(e["type"] == "chat_template" and e["field_messages"] == "messages" for e in entries)
-    assert all(e["ds_type"] == "parquet" and e["split"] == "train" for e in entries)
-
-
-def test_write_exports__point_at_the_files_write_mixture_wrote(tmp_path: Path) -> None:
-    counts = {"target": 6, "law": 3}
-    write_mixture(build_mixture(chat_parts(counts), seed=0), tmp_path, ["parquet"])
-    write_exports(tmp_path, counts, {}, "messages")
-    info = json.loads((tmp_path / "exports/llamafactory_dataset_info.json").read_text())
-    for entry in info.values():
-        assert (tmp_path / "exports" / entry["file_name"]).is_file()
-
-
-def test_write_exports__a_mixture_without_rows_says_so(tmp_path: Path) -> None:
-    with pytest.raises(MixoptError, match="no rows"):
-        write_exports(tmp_path, {"target": 0}, {}, "messages")
-
-
 # ---------------------------------------------------------------------------------------- plots, README
 
 
@@ -332,4 +251,4 @@ def test_write_run_readme__embeds_plots_table_and_epochs_per_part(tmp_path: Path
     assert "| gsm8k (target) | 600 | 60.0% | 0.50 |" in text and "| law | 400 | 40.0% | 2.00 |" in text
     for trainer in ("### datasets", "### TRL", "### LLaMA-Factory", "### axolotl", "### Megatron-LM"):
         assert trainer in text
-    assert 'load_from_disk("mixture")' in text and "interleave_probs" in text
+    assert 'load_from_disk("mixture")' in text

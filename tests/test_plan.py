@@ -59,7 +59,8 @@ def test_plan__manifest_records_how_the_mixture_was_made(planned: Path) -> None:
         "README.md",
         "plots/sts.png",
         "plots/allocation.png",
-        "exports/llamafactory_dataset_info.json",
+        "exports/llamafactory/dataset_info.json",
+        "exports/megatron_data.py",
         "exports/axolotl.yaml",
         "exports/megatron_blend.txt",
     ):
