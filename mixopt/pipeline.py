@@ -17,6 +17,7 @@ import torch
 
 from mixopt import sts
 from mixopt.encoding import Encoded, encode_chat, encode_demonstrations, encode_text
+from mixopt.explain import ScoredSource, collect_evidence
 from mixopt.features import PassResult, SourceStats, cached_pass, pass_key, run_pass
 from mixopt.model import LoadedModel, load_model
 from mixopt.recipe import DomainSpec, Recipe, TargetSpec
@@ -134,6 +135,7 @@ def score_recipe(recipe: Recipe, timings: Timings | None = None) -> tuple[Scores
     samples: dict[str, Sample] = {}
     passes: dict[str, PassResult] = {}
     icl_passes: dict[str, PassResult] = {}
+    icl_samples: dict[str, Sample] = {}
     for i, domain in enumerate(recipe.domains):
         rows = rendered_rows(domain, recipe, f"domains.{i}")
         seed = sts.name_seed(recipe.seed, domain.name)
@@ -145,6 +147,7 @@ def score_recipe(recipe: Recipe, timings: Timings | None = None) -> tuple[Scores
             icl_sample = sample_source(
                 rows, lm, seed, domain.icl_demos, recipe.sts.domain_tokens, recipe.sts.max_length, counted
             )
+            icl_samples[domain.name] = icl_sample
             icl_prefix = encode_demonstrations(lm.tokenizer, icl_sample.demos)
             icl_passes[domain.name] = stream(f"domain {domain.name} (icl)", icl_sample, icl_prefix)
 
@@ -200,6 +203,12 @@ def score_recipe(recipe: Recipe, timings: Timings | None = None) -> tuple[Scores
         "dtype": str(lm.dtype).removeprefix("torch."),
         "timings": timings,
     }
+    scored = [ScoredSource(target.name, target_sample.examples, target_pass, scores.target)]
+    for d, score in zip(recipe.domains, domains, strict=True):
+        icl_sample = icl_samples.get(d.name)
+        icl = (icl_passes.get(d.name), icl_sample.examples) if icl_sample else (None, None)
+        scored.append(ScoredSource(d.name, samples[d.name].examples, passes[d.name], score, *icl))
+    context["evidence"] = collect_evidence(lm.tokenizer, scores, counted, scored)  # for `explain`, report.html
     return scores, context
 
 
@@ -341,6 +350,7 @@ def manifest_record(
 def plan_recipe(recipe: Recipe, out: Path, force: bool = False, dry_run: bool = False) -> PlanResult:
     """`mixopt plan`: score, solve, then write mixture, manifest, exports, plots and README atomically."""
     from mixopt.checks import check_static
+    from mixopt.explain import write_explanation
     from mixopt.exports import write_exports
     from mixopt.files import write_json
     from mixopt.manifest import check_output, staged_output
@@ -390,9 +400,9 @@ def plan_recipe(recipe: Recipe, out: Path, force: bool = False, dry_run: bool = 
         scores.save(staged / "scores.json")
         allocation.save(staged / "allocation.json")
         written = {"rows": len(mixture), "content_sha256": digest, "schema": schema, "files": files}
-        write_json(
-            staged / "manifest.json", manifest_record(recipe, scores, allocation, context, written, timings.seconds)
-        )
+        manifest = manifest_record(recipe, scores, allocation, context, written, timings.seconds)
+        write_json(staged / "manifest.json", manifest)
+        write_explanation(staged, scores, allocation, context["evidence"], manifest)  # explain.json, report.html
     return PlanResult(scores, allocation, out, len(mixture), digest, timings.seconds)
 
 
