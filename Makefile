@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 MIXOPT := $(VENV)/bin/mixopt
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-slow lint check demo bench clean
+.PHONY: install test test-slow lint check demo bench chromium clean
 
 install: $(STAMP)
 
@@ -20,8 +20,13 @@ $(STAMP): pyproject.toml constraints.txt
 test: install  ## fast suite (< 10 min on 2 cores); includes `mixopt check recipes/`
 	$(PY) -m pytest
 
-test-slow: install  ## real-model and long tests
+test-slow: install  ## real-model and long tests (the report's browser test needs `make chromium`)
 	$(PY) -m pytest -m slow
+
+chromium:  ## headless Chromium for the report's browser test: Debian's package, installed only where missing
+	command -v chromium >/dev/null 2>&1 || { \
+	  SUDO=$$(test "$$(id -u)" = 0 || echo sudo); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium; }
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -29,7 +29,7 @@ def snippet_text(s: Snippet, source: bool = True) -> Text:
 
     text = Text(f"{s.source}: ", style="cyan") if source else Text()
     text.append(line(s.before), style="dim")
-    text.append(line(s.token), style=FIRING)
+    text.append(f"⟦{line(s.token)}⟧", style=FIRING)  # brackets too: piped output has no colours
     text.append(line(s.after), style="dim")
     text.append(f"  ({s.activation:.3g})", style="italic")
     return text

@@ -46,7 +46,8 @@ margin:3px 0;border-radius:3px;white-space:pre-wrap;word-break:break-word}
 .src{color:#3b6ea8;font-size:11px;margin-right:4px}.act{color:#5b6573;font-size:11px;float:right}
 .bar{display:inline-block;height:9px;background:#3b6ea8;vertical-align:middle;margin-right:6px}
 .example{font:12px/1.4 ui-monospace,monospace;white-space:pre-wrap;background:#f3f5f8;padding:6px 8px;margin:4px 0}
-.binding{color:#a23b2d;font-weight:600}details summary{cursor:pointer;color:#3b6ea8;font-size:12px}
+.nw{white-space:nowrap}.binding{color:#a23b2d;font-weight:600}
+details summary{cursor:pointer;color:#3b6ea8;font-size:12px}
 """
 
 
@@ -151,7 +152,8 @@ def _domain_card(d: DomainExplanation, ex: Explanation) -> str:
 def _latent_card(latent: LatentEvidence, sources: list[str]) -> str:
     peak = max(latent.mean_activation.values(), default=0.0) or 1.0
     bars = "".join(
-        f'<tr><td>{esc(name)}</td><td><span class=bar style="width:{max(0.0, value) / peak * 120:.0f}px"></span>'
+        f"<tr><td>{esc(name)}</td><td class=nw>"
+        f'<span class=bar style="width:{max(0.0, value) / peak * 80:.0f}px"></span>'
         f"{_num(value, '.3g')}</td><td class=n>{latent.frequency.get(name, 0):.1%}</td></tr>"
         for name in sources
         if (value := latent.mean_activation.get(name)) is not None

@@ -84,18 +84,21 @@ def test_explain_json__has_the_documented_keys_and_the_numbers_of_scores_json(ru
     assert any(latent["snippets"].values())
 
 
-def test_explain__sae_scorer_terms_sum_to_each_domains_score(planted: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("scorer", ["act", "act_sq", "icl"])
+def test_explain__sae_scorer_terms_sum_to_each_domains_score(planted: Path, scorer: str) -> None:
     from mixopt.pipeline import score_recipe
     from mixopt.recipe import load_recipe
 
-    recipe = planted.parent / "act.yaml"
-    recipe.write_text(planted.read_text().replace("sts: {", "sts: {score: act, "))
+    recipe = planted.parent / f"{scorer}.yaml"
+    recipe.write_text(planted.read_text().replace("sts: {", f"sts: {{score: {scorer}, "))
     scores, context = score_recipe(load_recipe(recipe))
     evidence = context["evidence"]
     assert evidence.terms_are_score
     for domain, found in zip(scores.domains, evidence.domains, strict=True):
         assert len(found.terms) == scores.top_k
-        assert sum(t.value for t in found.terms) == pytest.approx(domain.sts, rel=1e-5)  # act = sum over S
+        assert sum(t.value for t in found.terms) == pytest.approx(domain.sts, rel=1e-5)  # the score sums over S
+        best = max(range(len(domain.example_scores)), key=lambda i: domain.example_scores[i])
+        assert found.top_examples[0].example == best and found.top_examples[0].tokens == domain.example_tokens[best]
 
 
 def test_explain_text__prints_domains_latents_and_snippets(run: Path) -> None:
@@ -117,7 +120,7 @@ def test_explain_text__highlights_exactly_the_firing_token() -> None:
 
     text = snippet_text(Snippet("law", 1.5, 0, 7, "The court held", " void", "."), source=False)
     marked = [text.plain[s.start : s.end] for s in text.spans if s.style == FIRING]
-    assert marked == [" void"]
+    assert marked == ["⟦ void⟧"] and text.plain.startswith("The court held⟦ void⟧.")
 
 
 def test_explain__unknown_domain_or_old_run_is_one_line_exit_2(run: Path, tmp_path: Path) -> None:
