@@ -32,7 +32,7 @@ def synthetic_scores(n: int, seed: int = 0) -> Scores:
 
     def domain(name: str, score: float, count: int) -> DomainScore:
         return DomainScore(
-            name=name, sts=float(score), baseline=0.0, similarity=0.0, tokens=100 * count, examples=count,
+            name=name, score=float(score), baseline=0.0, similarity=0.0, tokens=100 * count, examples=count,
             available=count, mean_tokens=100.0, mean_response_tokens=60.0,
         )  # fmt: skip
 

@@ -54,3 +54,17 @@ def pad_right(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device) 
         ids[b, : len(row)] = torch.tensor(row, dtype=torch.long)
         mask[b, : len(row)] = 1
     return ids.to(device), mask.to(device)
+
+
+def epoch_stream(n: int, count: int, seed: int) -> list[int]:
+    """`count` indices into range(n): seeded permutations, one per epoch (`default_rng([seed, epoch])`), read in
+    order, so an index repeats only after every index has appeared. The training order of a fine-tune and the
+    rows a validation mixture draws."""
+    if count > 0 and n == 0:
+        raise ValueError(f"cannot draw {count} indices from an empty range")
+    stream: list[int] = []
+    epoch = 0
+    while len(stream) < count:
+        stream += np.random.default_rng([seed, epoch]).permutation(n).tolist()
+        epoch += 1
+    return stream[:count]

@@ -248,7 +248,7 @@ def validate(recipe: Path, out: Path | None, compare_mixtures: bool, sweep: bool
          mixopt validate recipes/validate-mmlu.yaml --sweep      (after a run: which k, m, variant)
     """
     from mixopt.recipe import load_validate_recipe
-    from mixopt.validate import run_validation
+    from mixopt.validation.run import run_validation
 
     spec = load_validate_recipe(recipe)
     result = run_validation(spec, out or output_dir(spec), compare=compare_mixtures, sweep=sweep)

@@ -180,7 +180,7 @@ def load_run(path: Path) -> RunRecord:
         manifest = json.loads(manifest_path.read_text())
         if not isinstance(manifest, dict) or "mixopt_manifest_version" not in manifest:
             raise ValueError("no mixopt_manifest_version")
-        scores = {d["name"]: float(d["sts"]) for d in manifest["sts"]["domains"]}
+        scores = {d["name"]: float(d["score"] if "score" in d else d["sts"]) for d in manifest["sts"]["domains"]}
         rows = {d["name"]: int(d["count"]) for d in manifest["allocation"]}
         fields = {f"recipe: {k}": v for k, v in _flatten(manifest["recipe"]["resolved"]).items()}
         fields |= {

@@ -31,7 +31,6 @@ BEFORE, AFTER = 12, 4  # tokens of context around the firing token: the model re
 TOP_EXAMPLES = 3  # per domain, the examples whose own scores are highest
 LATENTS_PER_DOMAIN = 5  # latents listed under each domain
 MAX_TEXT = 600  # characters of an example's text
-SAE_SCORERS = ("act", "act_sq", "icl")  # scorers that sum over the shifted latents
 
 # What validation found for each scorer on the embedded model (docs/validation.md); the report repeats it
 # beside the allocation so nobody reads the forecast as established.
@@ -129,8 +128,10 @@ class Evidence:
 
     @property
     def terms_are_score(self) -> bool:
-        """Whether the domains' latent terms sum to their score (an SAE scorer), or only describe them."""
-        return self.scorer in SAE_SCORERS
+        """Whether the domains' latent terms sum to their score (an STS variant), or only describe them."""
+        from mixopt.scores import SCORERS
+
+        return self.scorer in SCORERS and SCORERS[self.scorer].sts
 
     def save(self, path: Path) -> None:
         write_json(path, asdict(self), strict=True)
@@ -316,7 +317,7 @@ class Explanation:
                 DomainExplanation(
                     s.name,
                     rank,
-                    s.sts,
+                    s.score,
                     s.interval,
                     s.baseline,
                     s.similarity,

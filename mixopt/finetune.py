@@ -21,12 +21,11 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from mixopt.batching import pad_right
+from mixopt.batching import epoch_stream, pad_right
 from mixopt.encoding import Encoded
 from mixopt.errors import MixoptError
 from mixopt.files import Digest, atomic_write
@@ -48,12 +47,7 @@ class FinetuneResult:
 
 def step_batches(n_rows: int, steps: int, batch_size: int, seed: int) -> list[list[int]]:
     """Row indices of each step: seeded permutations of the rows, one per epoch, read in order."""
-    need = steps * batch_size
-    stream: list[int] = []
-    epoch = 0
-    while len(stream) < need:
-        stream += np.random.default_rng([seed, epoch]).permutation(n_rows).tolist()
-        epoch += 1
+    stream = epoch_stream(n_rows, steps * batch_size, seed)
     return [stream[s * batch_size : (s + 1) * batch_size] for s in range(steps)]
 
 

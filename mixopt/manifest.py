@@ -13,11 +13,16 @@ import platform
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mixopt import __version__
 from mixopt.errors import OutputExistsError
 from mixopt.files import sha256_file
+
+if TYPE_CHECKING:
+    from mixopt.recipe import Recipe
+    from mixopt.scores import Scores
+    from mixopt.solver import Allocation
 
 LIBRARIES = ("torch", "transformers", "sae-lens", "datasets", "cvxpy", "numpy", "pydantic", "pyarrow")
 
@@ -68,3 +73,67 @@ def versions() -> dict[str, str]:
 def recipe_record(recipe: Any) -> dict[str, Any]:
     """Where a recipe came from, its content hash and its resolved values (any recipe kind)."""
     return {"file": str(recipe.file) if recipe.file else None, "sha256": recipe.sha256(), "resolved": recipe.to_dict()}
+
+
+def manifest_record(
+    recipe: Recipe,
+    scores: Scores,
+    allocation: Allocation,
+    context: dict[str, Any],
+    written: dict[str, Any],
+    seconds: dict[str, float],
+) -> dict[str, Any]:
+    """Everything needed to say exactly how a mixture was made (DESIGN.md section 5)."""
+    from mixopt.model import BUILTIN_MODELS, builtin_gguf
+    from mixopt.sae import resolve_sae_dir
+
+    model_files = (
+        builtin_gguf(recipe.model.path)
+        if recipe.model.path in BUILTIN_MODELS
+        else (recipe.base_dir / recipe.model.path)
+        if recipe.model.path.startswith((".", "/"))
+        else None
+    )
+    return {
+        "mixopt_manifest_version": 1,
+        "versions": versions(),
+        "recipe": recipe_record(recipe),
+        "model": {
+            "path": recipe.model.path,
+            "identity": context["model_identity"],
+            "device": context["device"],
+            "dtype": context["dtype"],
+            "checksums": checksums(model_files),
+        },
+        "sae": {
+            "path": scores.sae,
+            "identity": context["sae_identity"],
+            "layer": recipe.sae.layer,
+            "checksums": checksums(resolve_sae_dir(recipe.sae, recipe.base_dir)),
+        },
+        "sts": {
+            "score": scores.score,
+            "top_k": scores.top_k,
+            "icl_demos": recipe.target.icl_demos,
+            "seed": recipe.seed,
+            "target_seed": recipe.target_seed,
+            "shifted_latents": scores.shifted_latents,
+            "domains": [
+                {
+                    "name": d.name,
+                    "score": d.score,
+                    "baseline": d.baseline,
+                    "similarity": d.similarity,
+                    "interval": d.interval,
+                }
+                for d in scores.domains
+            ],
+        },
+        "solver": {k: v for k, v in allocation.to_dict().items() if k != "domains"},
+        "allocation": [
+            {"name": d.name, "count": d.count, "tokens": d.tokens, "share": d.share, "epochs": d.epochs}
+            for d in allocation.domains
+        ],
+        "dataset": written,
+        "timings_seconds": {k: round(v, 3) for k, v in seconds.items()},
+    }

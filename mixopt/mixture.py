@@ -28,7 +28,7 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import datasets
 import numpy as np
@@ -38,6 +38,10 @@ import pyarrow.parquet as pq
 from datasets.fingerprint import Hasher
 
 from mixopt.errors import MixoptError
+
+if TYPE_CHECKING:
+    from mixopt.recipe import Recipe
+    from mixopt.solver import Allocation
 
 Schema = Literal["messages", "text"]
 FORMATS = ("arrow", "parquet")
@@ -365,3 +369,30 @@ def write_mixture(ds: datasets.Dataset, out: Path, formats: Sequence[str]) -> di
     if "parquet" in formats:
         written.update(_write_parquet(ds, out))
     return written
+
+
+def mixture_parts(recipe: Recipe, allocation: Allocation) -> list[MixturePart]:
+    """The target and every domain with a nonzero count, rendered, each with its own seeded draw."""
+    from mixopt.sources import rendered_rows
+    from mixopt.sts import name_seed
+
+    counts = {d.name: d.count for d in allocation.domains}
+    parts = [
+        MixturePart(
+            recipe.target.name,
+            rendered_rows(recipe.target, recipe, "target"),
+            allocation.target_count,
+            name_seed(recipe.seed, recipe.target.name),
+        )
+    ]
+    for i, domain in enumerate(recipe.domains):
+        if counts.get(domain.name, 0) > 0:
+            parts.append(
+                MixturePart(
+                    domain.name,
+                    rendered_rows(domain, recipe, f"domains.{i}"),
+                    counts[domain.name],
+                    name_seed(recipe.seed, domain.name),
+                )
+            )
+    return parts

@@ -17,13 +17,15 @@ import torch
 
 from mixopt import sts
 from mixopt.encoding import Encoded, encode_chat, encode_demonstrations, encode_text
-from mixopt.explain import ScoredSource, collect_evidence
+from mixopt.errors import SourceError
+from mixopt.explain import Evidence, ScoredSource, collect_evidence
 from mixopt.features import PassResult, SourceStats, cached_pass, pass_key, run_pass
 from mixopt.model import LoadedModel, load_model
-from mixopt.recipe import DomainSpec, Recipe, TargetSpec
+from mixopt.recipe import Recipe, STSSpec
 from mixopt.sae import check_sae, load_sae, sae_identity
-from mixopt.scores import DomainScore, Scores
-from mixopt.sources import check_columns, describe, load_source, render
+from mixopt.scores import SCORERS, DomainScore, Scores
+from mixopt.sources import rendered_rows
+from mixopt.stats import weighted_mean_interval
 
 
 @dataclass
@@ -46,14 +48,6 @@ class Timings:
         out = fn()
         self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
         return out
-
-
-def rendered_rows(section: TargetSpec | DomainSpec, recipe: Recipe, where: str) -> datasets.Dataset:
-    ds = load_source(section.source, recipe.base_dir)
-    check_columns(ds, section, f"{where} ({describe(section.source)})")
-    if section.max_examples is not None:
-        ds = ds.select(range(min(len(ds), section.max_examples)))
-    return render(ds, section)
 
 
 def encode_row(lm: LoadedModel, row: dict[str, str], max_length: int, tokens: str = "content") -> Encoded:
@@ -94,37 +88,94 @@ def mean_tokens(examples: list[Encoded]) -> tuple[float, float]:
     return (float(np.mean([len(e) for e in examples])), float(np.mean([sum(e.response) for e in examples])))
 
 
-def score_recipe(recipe: Recipe, timings: Timings | None = None) -> tuple[Scores, dict[str, Any]]:
-    """Compute every domain's STS for the recipe. Returns the Scores and the run's context (model and SAE
-    identity, timings) for manifests."""
-    timings = timings or Timings()
+@dataclass
+class ScoringModel:
+    """The model and SAE a scoring pass reads, with what identifies them (cache keys and records)."""
+
+    lm: LoadedModel
+    sae: Any  # sae_lens.SAE
+    layer: int
+    model_name: str  # as the recipe names it (Scores.model)
+    sae_name: str  # as the recipe names it (Scores.sae)
+    sae_identity: str  # weights fingerprint (cache keys)
+
+
+@dataclass
+class ScoringSource:
+    """One source to score: its rendered rows (columns prompt + response, or text) and how to sample them."""
+
+    name: str
+    rows: datasets.Dataset
+    seed: int  # sampling order (and, for the target, which rows are demonstrations)
+    icl_demos: int = 0  # demonstrations: the target's shift estimate, or a domain's `icl` variant
+
+
+def load_scoring_model(recipe: Recipe, timings: Timings) -> ScoringModel:
     lm: LoadedModel = timings.timed("load_model", lambda: load_model(recipe.model, recipe.base_dir))
     sae = timings.timed("load_sae", lambda: load_sae(recipe.sae, recipe.base_dir, lm.device))
-    layer, k, variant, counted = recipe.sae.layer, recipe.sts.top_k, recipe.sts.score, recipe.sts.tokens
-    check_sae(sae, lm, layer)
-    identity = {
-        "model": lm.identity,
-        "sae": sae_identity(recipe.sae, recipe.base_dir),
-        "layer": layer,
-        "dtype": str(lm.dtype),
+    check_sae(sae, lm, recipe.sae.layer)
+    sae_name = recipe.sae.path or f"{recipe.sae.release}/{recipe.sae.id}"
+    return ScoringModel(
+        lm, sae, recipe.sae.layer, recipe.model.path, sae_name, sae_identity(recipe.sae, recipe.base_dir)
+    )
+
+
+def score_recipe(recipe: Recipe, timings: Timings | None = None) -> tuple[Scores, dict[str, Any]]:
+    """Compute every domain's scores for the recipe. Returns the Scores and the run's context (model and SAE
+    identity, timings) for manifests."""
+    timings = timings or Timings()
+    model = load_scoring_model(recipe, timings)
+    target = ScoringSource(
+        recipe.target.name, rendered_rows(recipe.target, recipe, "target"), recipe.target_seed, recipe.target.icl_demos
+    )
+    domains = [
+        ScoringSource(d.name, rendered_rows(d, recipe, f"domains.{i}"), sts.name_seed(recipe.seed, d.name), d.icl_demos)
+        for i, d in enumerate(recipe.domains)
+    ]
+    evidence: list[Evidence] = []
+    scores = score_datasets(model, target, domains, recipe.sts, recipe.seed, timings, evidence)
+    scores.recipe_sha256 = recipe.sha256()
+    context = {
+        "model_identity": model.lm.identity,
+        "sae_identity": model.sae_identity,
+        "device": str(model.lm.device),
+        "dtype": str(model.lm.dtype).removeprefix("torch."),
+        "timings": timings,
+        "evidence": evidence[0],  # for `mixopt explain` and report.html
     }
+    return scores, context
+
+
+def score_datasets(
+    model: ScoringModel,
+    target: ScoringSource,
+    domains: list[ScoringSource],
+    spec: STSSpec,
+    seed: int,
+    timings: Timings | None = None,
+    evidence: list[Evidence] | None = None,
+) -> Scores:
+    """Every domain's scores against the target: the shift pass on the target (with its demonstrations),
+    one pass per domain (two for `icl`), then every scorer of the registry from the cached reductions.
+    `seed` seeds each domain's bootstrap (per name). `Scores.recipe_sha256` is left empty for the caller.
+    `evidence`: when a list is given, the explanation data (`explain.Evidence`: decoded snippets of the
+    shifted latents, each domain's latent terms and top examples) is appended to it."""
+    timings = timings or Timings()
+    lm, sae, layer, k, variant, counted = model.lm, model.sae, model.layer, spec.top_k, spec.score, spec.tokens
+    identity = {"model": lm.identity, "sae": model.sae_identity, "layer": layer, "dtype": str(lm.dtype)}
 
     def stream(name: str, sample: Sample, prefix: list[int]) -> PassResult:
         key = pass_key(identity, sample.examples, prefix)
-        compute = lambda: run_pass(lm, sae, layer, sample.examples, prefix, recipe.sts.batch_tokens, name)  # noqa: E731
+        compute = lambda: run_pass(lm, sae, layer, sample.examples, prefix, spec.batch_tokens, name)  # noqa: E731
         result, hit = timings.timed("features", lambda: cached_pass(key, compute))
         timings.passes += 1
         timings.cache_hits += hit
         return result
 
-    target = recipe.target
-    target_rows = rendered_rows(target, recipe, "target")
-    if len(target_rows) <= target.icl_demos:
-        from mixopt.errors import SourceError
-
-        raise SourceError(f"target has {len(target_rows)} rows; it needs more than icl_demos={target.icl_demos}")
+    if len(target.rows) <= target.icl_demos:
+        raise SourceError(f"target has {len(target.rows)} rows; it needs more than icl_demos={target.icl_demos}")
     target_sample = sample_source(
-        target_rows, lm, recipe.target_seed, target.icl_demos, recipe.sts.target_tokens, recipe.sts.max_length, counted
+        target.rows, lm, target.seed, target.icl_demos, spec.target_tokens, spec.max_length, counted
     )
     prefix = encode_demonstrations(lm.tokenizer, target_sample.demos)
     target_pass = stream(f"target {target.name}", target_sample, prefix)
@@ -136,16 +187,14 @@ def score_recipe(recipe: Recipe, timings: Timings | None = None) -> tuple[Scores
     passes: dict[str, PassResult] = {}
     icl_passes: dict[str, PassResult] = {}
     icl_samples: dict[str, Sample] = {}
-    for i, domain in enumerate(recipe.domains):
-        rows = rendered_rows(domain, recipe, f"domains.{i}")
-        seed = sts.name_seed(recipe.seed, domain.name)
+    for domain in domains:
         samples[domain.name] = sample_source(
-            rows, lm, seed, 0, recipe.sts.domain_tokens, recipe.sts.max_length, counted
+            domain.rows, lm, domain.seed, 0, spec.domain_tokens, spec.max_length, counted
         )
         passes[domain.name] = stream(f"domain {domain.name}", samples[domain.name], [])
         if variant == "icl":
             icl_sample = sample_source(
-                rows, lm, seed, domain.icl_demos, recipe.sts.domain_tokens, recipe.sts.max_length, counted
+                domain.rows, lm, domain.seed, domain.icl_demos, spec.domain_tokens, spec.max_length, counted
             )
             icl_samples[domain.name] = icl_sample
             icl_prefix = encode_demonstrations(lm.tokenizer, icl_sample.demos)
@@ -165,12 +214,12 @@ def score_recipe(recipe: Recipe, timings: Timings | None = None) -> tuple[Scores
         variants["random"] = sts.random_control(stats, k)
         scored = variant if variant != "icl" or "icl" in variants else "act"  # the target has no ICL pass of its own
         per_example, tokens = scorer_examples(scored, stats, icl, latents, raw_dims, target_mean, grand)
-        stderr, interval = sts.bootstrap(per_example, tokens, recipe.sts.bootstrap, sts.name_seed(recipe.seed, name))
+        stderr, interval = weighted_mean_interval(per_example, tokens, spec.bootstrap, sts.name_seed(seed, name))
         mean_all, mean_response = mean_tokens(sample.examples)
         return DomainScore(
             name=name,
-            sts=variants[SCORER_KEYS.get(scored, scored)],
-            baseline=variants[BASELINE_KEYS.get(scored, "raw_act")],
+            score=variants[SCORERS[scored].key],
+            baseline=variants[SCORERS[scored].baseline],
             similarity=variants["similarity"],
             tokens=stats.n_tokens,
             examples=len(sample.examples),
@@ -184,36 +233,25 @@ def score_recipe(recipe: Recipe, timings: Timings | None = None) -> tuple[Scores
             variants=variants,
         )
 
-    domains = [record(d.name, samples[d.name], passes[d.name], icl_passes.get(d.name)) for d in recipe.domains]
     scores = Scores(
-        recipe_sha256=recipe.sha256(),
-        model=recipe.model.path,
-        sae=recipe.sae.path or f"{recipe.sae.release}/{recipe.sae.id}",
+        recipe_sha256="",
+        model=model.model_name,
+        sae=model.sae_name,
         layer=layer,
         top_k=len(latents),
         score=variant,
         shifted_latents=[{"index": int(i), "shift": float(v)} for i, v in zip(latents, shift_values, strict=True)],
         target=record(target.name, target_sample, target_pass, None),
-        domains=domains,
+        domains=[record(d.name, samples[d.name], passes[d.name], icl_passes.get(d.name)) for d in domains],
     )
-    context = {
-        "model_identity": lm.identity,
-        "sae_identity": identity["sae"],
-        "device": str(lm.device),
-        "dtype": str(lm.dtype).removeprefix("torch."),
-        "timings": timings,
-    }
-    scored = [ScoredSource(target.name, target_sample.examples, target_pass, scores.target)]
-    for d, score in zip(recipe.domains, domains, strict=True):
-        icl_sample = icl_samples.get(d.name)
-        icl = (icl_passes.get(d.name), icl_sample.examples) if icl_sample else (None, None)
-        scored.append(ScoredSource(d.name, samples[d.name].examples, passes[d.name], score, *icl))
-    context["evidence"] = collect_evidence(lm.tokenizer, scores, counted, scored)  # for `explain`, report.html
-    return scores, context
-
-
-SCORER_KEYS = {"raw": "raw_act"}  # scorer name (recipe `sts.score`) -> key in DomainScore.variants
-BASELINE_KEYS = {"act": "raw_act", "act_sq": "raw_act_sq", "icl": "raw_icl"}  # the same steps on raw dims
+    if evidence is not None:  # for `mixopt explain` and report.html, while the passes are in memory
+        scored = [ScoredSource(target.name, target_sample.examples, target_pass, scores.target)]
+        for d, score in zip(domains, scores.domains, strict=True):
+            icl_sample = icl_samples.get(d.name)
+            icl = (icl_passes.get(d.name), icl_sample.examples) if icl_sample else (None, None)
+            scored.append(ScoredSource(d.name, samples[d.name].examples, passes[d.name], score, *icl))
+        evidence.append(collect_evidence(lm.tokenizer, scores, counted, scored))
+    return scores
 
 
 def scorer_examples(
@@ -257,106 +295,16 @@ class PlanResult:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-def _mixture_parts(recipe: Recipe, allocation: Any) -> list[Any]:
-    from mixopt.mixture import MixturePart
-
-    counts = {d.name: d.count for d in allocation.domains}
-    parts = [
-        MixturePart(
-            recipe.target.name,
-            rendered_rows(recipe.target, recipe, "target"),
-            allocation.target_count,
-            sts.name_seed(recipe.seed, recipe.target.name),
-        )
-    ]
-    for i, domain in enumerate(recipe.domains):
-        if counts.get(domain.name, 0) > 0:
-            parts.append(
-                MixturePart(
-                    domain.name,
-                    rendered_rows(domain, recipe, f"domains.{i}"),
-                    counts[domain.name],
-                    sts.name_seed(recipe.seed, domain.name),
-                )
-            )
-    return parts
-
-
-def manifest_record(
-    recipe: Recipe,
-    scores: Scores,
-    allocation: Any,
-    context: dict[str, Any],
-    written: dict[str, Any],
-    seconds: dict[str, float],
-) -> dict[str, Any]:
-    """Everything needed to say exactly how a mixture was made (DESIGN.md section 5)."""
-    from mixopt.manifest import checksums, recipe_record, versions
-    from mixopt.model import BUILTIN_MODELS, builtin_gguf
-    from mixopt.sae import resolve_sae_dir
-
-    model_files = (
-        builtin_gguf(recipe.model.path)
-        if recipe.model.path in BUILTIN_MODELS
-        else (recipe.base_dir / recipe.model.path)
-        if recipe.model.path.startswith((".", "/"))
-        else None
-    )
-    return {
-        "mixopt_manifest_version": 1,
-        "versions": versions(),
-        "recipe": recipe_record(recipe),
-        "model": {
-            "path": recipe.model.path,
-            "identity": context["model_identity"],
-            "device": context["device"],
-            "dtype": context["dtype"],
-            "checksums": checksums(model_files),
-        },
-        "sae": {
-            "path": scores.sae,
-            "identity": context["sae_identity"],
-            "layer": recipe.sae.layer,
-            "checksums": checksums(resolve_sae_dir(recipe.sae, recipe.base_dir)),
-        },
-        "sts": {
-            "score": scores.score,
-            "top_k": scores.top_k,
-            "icl_demos": recipe.target.icl_demos,
-            "seed": recipe.seed,
-            "target_seed": recipe.target_seed,
-            "shifted_latents": scores.shifted_latents,
-            "domains": [
-                {
-                    "name": d.name,
-                    "sts": d.sts,
-                    "baseline": d.baseline,
-                    "similarity": d.similarity,
-                    "interval": d.interval,
-                }
-                for d in scores.domains
-            ],
-        },
-        "solver": {k: v for k, v in allocation.to_dict().items() if k != "domains"},
-        "allocation": [
-            {"name": d.name, "count": d.count, "tokens": d.tokens, "share": d.share, "epochs": d.epochs}
-            for d in allocation.domains
-        ],
-        "dataset": written,
-        "timings_seconds": {k: round(v, 3) for k, v in seconds.items()},
-    }
-
-
 def plan_recipe(recipe: Recipe, out: Path, force: bool = False, dry_run: bool = False) -> PlanResult:
     """`mixopt plan`: score, solve, then write mixture, manifest, exports, plots and README atomically."""
     from mixopt.checks import check_static
     from mixopt.explain import write_explanation
     from mixopt.exports import write_exports
     from mixopt.files import write_json
-    from mixopt.manifest import check_output, staged_output
-    from mixopt.mixture import build_mixture, common_schema, write_mixture
+    from mixopt.manifest import check_output, manifest_record, staged_output
+    from mixopt.mixture import build_mixture, common_schema, mixture_parts, write_mixture
     from mixopt.plots import plot_allocation, plot_scores
-    from mixopt.report import write_run_readme
+    from mixopt.report import allocation_markdown, write_run_readme
     from mixopt.solver import limits_from_domains, solve_allocation
     from mixopt.sources import content_hash
 
@@ -372,7 +320,7 @@ def plan_recipe(recipe: Recipe, out: Path, force: bool = False, dry_run: bool = 
     if dry_run:
         return PlanResult(scores, allocation, None, seconds=timings.seconds)
     with staged_output(out, force) as staged:
-        parts = _mixture_parts(recipe, allocation)
+        parts = mixture_parts(recipe, allocation)
         mixture = timings.timed("mixture", lambda: build_mixture(parts, recipe.seed))
         files = timings.timed("write", lambda: write_mixture(mixture, staged, recipe.output.formats))
         digest = content_hash(mixture)
@@ -386,7 +334,7 @@ def plan_recipe(recipe: Recipe, out: Path, force: bool = False, dry_run: bool = 
         ranked = scores.ranked()
         plot_scores(
             [d.name for d in ranked],
-            [d.sts for d in ranked],
+            [d.score for d in ranked],
             [d.baseline for d in ranked],
             staged / "plots" / "sts.png",
             recipe.sts.score,
@@ -404,21 +352,3 @@ def plan_recipe(recipe: Recipe, out: Path, force: bool = False, dry_run: bool = 
         write_json(staged / "manifest.json", manifest)
         write_explanation(staged, scores, allocation, context["evidence"], manifest)  # explain.json, report.html
     return PlanResult(scores, allocation, out, len(mixture), digest, timings.seconds)
-
-
-def allocation_markdown(scores: Scores, allocation: Any) -> str:
-    """The domain table (the recipe's score, baseline, allocation) as markdown, target first."""
-    by_name = {d.name: d for d in scores.domains}
-    lines = [
-        f"| domain | {scores.score} | 95% interval | raw baseline | count | share | epochs |",
-        "| --- | ---: | --- | ---: | ---: | ---: | ---: |",
-        f"| {scores.target.name} (target) | | | | {allocation.target_count} | {allocation.target_fraction:.1%} | |",
-    ]
-    for d in sorted(allocation.domains, key=lambda a: by_name[a.name].sts, reverse=True):
-        s = by_name[d.name]
-        lo, hi = s.interval or [float("nan")] * 2
-        lines.append(
-            f"| {d.name} | {s.sts:.4g} | [{lo:.4g}, {hi:.4g}] | {s.baseline:.4g} | {d.count} | "
-            f"{d.share:.1%} | {d.epochs:.2f} |"
-        )
-    return "\n".join(lines)

@@ -38,11 +38,11 @@ def _top(names: Sequence[str], key: np.ndarray) -> tuple[np.ndarray, str]:
     return order[::-1], suffix  # barh draws bottom-up
 
 
-def _height(bars: int) -> float:
+def figure_height(bars: int) -> float:
     return max(2.5, 0.32 * bars + 1.2)
 
 
-def _save(fig: plt.Figure, path: Path) -> None:
+def save_figure(fig: plt.Figure, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=DPI, bbox_inches="tight", metadata={"Software": None})
     plt.close(fig)
@@ -77,7 +77,7 @@ def plot_scores(names: Sequence[str], sts: Sequence[float], raw: Sequence[float]
     rows, suffix = _top(names, sts_values)
     y = np.arange(len(rows))
     fig, (left, right) = plt.subplots(
-        1, 2, sharey=True, figsize=(10, _height(len(rows))), gridspec_kw={"width_ratios": [3, 2]}
+        1, 2, sharey=True, figsize=(10, figure_height(len(rows))), gridspec_kw={"width_ratios": [3, 2]}
     )
     left.barh(y, sts_values[rows], color=STS_COLOR)
     left.set_yticks(y, [names[i] for i in rows])
@@ -93,7 +93,7 @@ def plot_scores(names: Sequence[str], sts: Sequence[float], raw: Sequence[float]
         ax.grid(axis="x", alpha=0.3)
         ax.set_axisbelow(True)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_allocation(names: Sequence[str], shares: Sequence[float], path: Path, target: str | None = None) -> None:
@@ -105,7 +105,7 @@ def plot_allocation(names: Sequence[str], shares: Sequence[float], path: Path, t
     values = np.asarray(shares, dtype=float)
     rows, suffix = _top(names, values)
     y = np.arange(len(rows))
-    fig, ax = plt.subplots(figsize=(8, _height(len(rows))))
+    fig, ax = plt.subplots(figsize=(8, figure_height(len(rows))))
     colors = [TARGET_COLOR if names[i] == target else DOMAIN_COLOR for i in rows]
     bars = ax.barh(y, values[rows] * 100, color=colors)
     ax.bar_label(bars, labels=[_percent(values[i]) for i in rows], padding=3, fontsize=9)
@@ -116,7 +116,7 @@ def plot_allocation(names: Sequence[str], shares: Sequence[float], path: Path, t
     ax.grid(axis="x", alpha=0.3)
     ax.set_axisbelow(True)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def _percent(share: float) -> str:
@@ -148,7 +148,7 @@ def plot_latent_heatmap(sources: Sequence[str], latents: Sequence[int], mean: np
     ax.set_title("Where each shifted latent fires" + suffix, loc="left")
     fig.colorbar(image, ax=ax, fraction=0.03, pad=0.01, label="mean activation / its largest")
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_share_intervals(
@@ -162,7 +162,7 @@ def plot_share_intervals(
     scores) and its share when the objective's parameters are halved or doubled (open markers)."""
     _check(names, shares=shares, intervals=intervals)
     y = np.arange(len(names))[::-1]  # first name at the top
-    fig, ax = plt.subplots(figsize=(8, _height(len(names))))
+    fig, ax = plt.subplots(figsize=(8, figure_height(len(names))))
     for row, interval in zip(y, intervals, strict=True):
         if interval is not None:
             ax.plot([interval[0] * 100, interval[1] * 100], [row, row], color=STS_COLOR, linewidth=3, alpha=0.45)
@@ -179,4 +179,4 @@ def plot_share_intervals(
     ax.set_axisbelow(True)
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)

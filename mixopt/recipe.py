@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from mixopt.errors import RecipeError
 from mixopt.files import text_digest
+from mixopt.scores import ScorerName
 
 Share = Annotated[float, Field(ge=0.0, le=1.0)]
 Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=64)]
@@ -179,7 +180,7 @@ class DomainSpec(TextTemplates):
 class STSSpec(Section):
     # the scorer the solver reads: an STS variant or a baseline (DESIGN.md section 3). The default is the
     # one forecast that beat STS act in docs/validation.md's sweep (paired interval excluding 0).
-    score: Literal["act", "act_sq", "icl", "raw", "similarity"] = "similarity"
+    score: ScorerName = "similarity"
     tokens: Literal["content", "response"] = "response"  # which tokens count: the response, or prompt + response
     top_k: Annotated[int, Field(gt=0)] = 100  # shifted latents kept
     target_tokens: Annotated[int, Field(gt=0)] = 20_000  # target tokens for the shift estimate

@@ -16,8 +16,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mixopt.exports import row_shares
+
+if TYPE_CHECKING:
+    from mixopt.scores import Scores
+    from mixopt.solver import Allocation
 
 
 def _epochs_table(counts: Mapping[str, int], epochs: Mapping[str, float], target_name: str) -> str:
@@ -148,3 +153,21 @@ so every source row appears floor or ceil of that many times.
 {_loading(schema, total)}"""
     out.mkdir(parents=True, exist_ok=True)
     (out / "README.md").write_text(text)
+
+
+def allocation_markdown(scores: Scores, allocation: Allocation) -> str:
+    """The domain table (the recipe's score, baseline, allocation) as markdown, target first."""
+    by_name = {d.name: d for d in scores.domains}
+    lines = [
+        f"| domain | {scores.score} | 95% interval | raw baseline | count | share | epochs |",
+        "| --- | ---: | --- | ---: | ---: | ---: | ---: |",
+        f"| {scores.target.name} (target) | | | | {allocation.target_count} | {allocation.target_fraction:.1%} | |",
+    ]
+    for d in sorted(allocation.domains, key=lambda a: by_name[a.name].score, reverse=True):
+        s = by_name[d.name]
+        lo, hi = s.interval or [float("nan")] * 2
+        lines.append(
+            f"| {d.name} | {s.score:.4g} | [{lo:.4g}, {hi:.4g}] | {s.baseline:.4g} | {d.count} | "
+            f"{d.share:.1%} | {d.epochs:.2f} |"
+        )
+    return "\n".join(lines)

@@ -38,6 +38,7 @@ import scipy.sparse as sp
 from mixopt.errors import InfeasibleError, MixoptError
 from mixopt.recipe import AllocationSpec, DomainSpec
 from mixopt.scores import DomainScore, Scores
+from mixopt.stats import resampled_means
 
 MEAN_RISK_WEIGHT = 0.1  # minimax tie-break: weight of the mean risk beside the max
 SOLVERS = ("CLARABEL", "SCS")  # Clarabel first (exact cones, fast); SCS when Clarabel fails
@@ -62,7 +63,7 @@ class DomainLimits:
 @dataclass
 class DomainAllocation:
     name: str
-    sts: float
+    score: float  # the recipe scorer's value the allocation read
     count: int  # examples in the mixture
     share: float  # of the whole mixture (target included), in the budget's unit
     replay_share: float  # of the replay part, in the budget's unit
@@ -73,6 +74,8 @@ class DomainAllocation:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DomainAllocation:
+        if "score" not in data and "sts" in data:  # allocation.json written before the rename
+            data = {**data, "score": data["sts"]}
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
 
@@ -133,7 +136,7 @@ class Allocation:
             share = f"{d.share:.1%}"
             if d.share_interval is not None:  # the interval is of the replay share
                 share += f" (replay {d.share_interval[0]:.1%}-{d.share_interval[1]:.1%})"
-            row = [d.name, f"{d.sts:.4g}", f"{d.count:,}", tokens, share, f"{d.epochs:.2f}", ", ".join(d.binding)]
+            row = [d.name, f"{d.score:.4g}", f"{d.count:,}", tokens, share, f"{d.epochs:.2f}", ", ".join(d.binding)]
             rows.append(row)
         return _aligned([header, *rows], right={1, 2, 3, 4, 5})
 
@@ -528,7 +531,7 @@ def _check_inputs(scores: Scores, spec: AllocationSpec, limits: dict[str, Domain
         raise MixoptError("the scores have no domains; add domains to the recipe and re-run `mixopt score`")
     if unknown := sorted(set(limits) - set(names)):
         raise MixoptError(f"domains {', '.join(unknown)} have no score; re-run `mixopt score` with this recipe")
-    if bad := [d.name for d in scores.domains if not math.isfinite(d.sts)]:
+    if bad := [d.name for d in scores.domains if not math.isfinite(d.score)]:
         raise MixoptError(f"domains {', '.join(bad)} have a non-finite STS; re-run `mixopt score`")
     if spec.unit == "tokens" and (bad := [d.name for d in scores.domains if _unit_tokens(d, spec.count) <= 0]):
         raise MixoptError(
@@ -549,7 +552,7 @@ def _problem(scores: Scores, spec: AllocationSpec, limits: dict[str, DomainLimit
     rows, cols = [g for g, _ in pairs], [j for _, j in pairs]
     membership = sp.csr_matrix((np.ones(len(pairs)), (rows, cols)), shape=(len(tags), len(names)))
     return _Problem(
-        weights=risk_weights([d.sts for d in scores.domains]),
+        weights=risk_weights([d.score for d in scores.domains]),
         lower=np.array([lim.min_share for lim in get], dtype=float),
         upper=np.minimum([lim.max_share for lim in get], 1.0),
         supply=np.floor(spec.max_epochs * available + 1e-9) * size / replay,
@@ -579,16 +582,14 @@ def _bootstrap_sts(domains: Sequence[DomainScore], resamples: int, rng: np.rando
     (sts + resampled mean - full mean): the same number when the STS is that mean, and still centred when
     a variant is not. Domains without example scores keep their STS.
     """
-    sts = np.tile([d.sts for d in domains], (resamples, 1))
+    sts = np.tile([d.score for d in domains], (resamples, 1))
     for j, d in enumerate(domains):
         scores = np.asarray(d.example_scores, dtype=float)  # (k,)
         if scores.size == 0:
             continue
         weights = np.asarray(d.example_tokens, dtype=float) if len(d.example_tokens) == scores.size else None
         weights = np.ones_like(scores) if weights is None else weights
-        idx = rng.integers(0, scores.size, size=(resamples, scores.size))  # (resamples, k)
-        means = (scores[idx] * weights[idx]).sum(1) / weights[idx].sum(1)
-        sts[:, j] += means - np.average(scores, weights=weights)
+        sts[:, j] += resampled_means(scores, resamples, rng, weights) - np.average(scores, weights=weights)
     return sts
 
 
@@ -771,7 +772,7 @@ def _domains(
     return [
         DomainAllocation(
             name=d.name,
-            sts=d.sts,
+            score=d.score,
             count=count,
             share=round(float(share[j]), 6),
             replay_share=round(float(replay_share[j]), 6),

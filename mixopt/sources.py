@@ -18,7 +18,7 @@ import pyarrow as pa
 
 from mixopt.errors import SourceError
 from mixopt.files import Digest
-from mixopt.recipe import SourceSpec, TextTemplates, template_fields
+from mixopt.recipe import DomainSpec, Recipe, SourceSpec, TargetSpec, TextTemplates, template_fields
 
 _BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 
@@ -109,3 +109,12 @@ def content_hash(table: datasets.Dataset | pa.Table) -> str:
     for batch in table.combine_chunks().to_batches(max_chunksize=65_536):
         digest.add_bytes(batch.serialize().to_pybytes())
     return digest.hex()
+
+
+def rendered_rows(section: TargetSpec | DomainSpec, recipe: Recipe, where: str) -> datasets.Dataset:
+    """A plan section's rows, columns checked, capped at `max_examples`, rendered through its templates."""
+    ds = load_source(section.source, recipe.base_dir)
+    check_columns(ds, section, f"{where} ({describe(section.source)})")
+    if section.max_examples is not None:
+        ds = ds.select(range(min(len(ds), section.max_examples)))
+    return render(ds, section)

@@ -53,17 +53,6 @@ def example_scores(
     return (per / tokens).numpy()
 
 
-def bootstrap(scores: np.ndarray, tokens: np.ndarray, n: int, seed: int) -> tuple[float, list[float]]:
-    """(standard error, 95% percentile interval) of the token-weighted mean, resampling examples."""
-    if len(scores) < 2 or n == 0:
-        return float("nan"), [float("nan"), float("nan")]
-    rng = np.random.default_rng(seed)
-    draws = rng.integers(0, len(scores), size=(n, len(scores)))
-    w = tokens[draws]
-    means = (scores[draws] * w).sum(1) / np.maximum(w.sum(1), 1)
-    return float(means.std(ddof=1)), [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
-
-
 def mean_residual(stats: SourceStats) -> torch.Tensor:
     return stats.resid.total / max(stats.n_tokens, 1)
 

@@ -25,7 +25,7 @@ def make_scores(
 
     def domain(name: str, score: float, available: int, mean: float, examples: Sequence[float] = ()) -> DomainScore:
         return DomainScore(
-            name=name, sts=float(score), baseline=0.0, similarity=0.0, tokens=round(mean * available),
+            name=name, score=float(score), baseline=0.0, similarity=0.0, tokens=round(mean * available),
             examples=available, available=available, mean_tokens=mean, mean_response_tokens=mean,
             example_scores=[float(x) for x in examples], example_tokens=[round(mean)] * len(examples),
         )  # fmt: skip

@@ -62,12 +62,12 @@ def test_explain_json__has_the_documented_keys_and_the_numbers_of_scores_json(ru
     assert set(ex) >= {"scorer", "caveat", "target", "domains", "latents", "terms_are_score", "target_count"}
     scores = json.loads((run / "scores.json").read_text())
     allocation = json.loads((run / "allocation.json").read_text())
-    by_score = sorted(scores["domains"], key=lambda d: -d["sts"])
+    by_score = sorted(scores["domains"], key=lambda d: -d["score"])
     assert [d["name"] for d in ex["domains"]] == [d["name"] for d in by_score]
     counts = {d["name"]: d for d in allocation["domains"]}
     for rank, (d, s) in enumerate(zip(ex["domains"], by_score, strict=True), start=1):
         assert set(d) >= {"rank", "score", "interval", "count", "share", "binding", "latents", "top_examples"}
-        assert (d["rank"], d["score"], d["interval"], d["baseline"]) == (rank, s["sts"], s["interval"], s["baseline"])
+        assert (d["rank"], d["score"], d["interval"], d["baseline"]) == (rank, s["score"], s["interval"], s["baseline"])
         assert (d["count"], d["share"], d["binding"]) == tuple(
             counts[d["name"]][k] for k in ("count", "share", "binding")
         )
@@ -96,7 +96,7 @@ def test_explain__sae_scorer_terms_sum_to_each_domains_score(planted: Path, scor
     assert evidence.terms_are_score
     for domain, found in zip(scores.domains, evidence.domains, strict=True):
         assert len(found.terms) == scores.top_k
-        assert sum(t.value for t in found.terms) == pytest.approx(domain.sts, rel=1e-5)  # the score sums over S
+        assert sum(t.value for t in found.terms) == pytest.approx(domain.score, rel=1e-5)  # the score sums over S
         best = max(range(len(domain.example_scores)), key=lambda i: domain.example_scores[i])
         assert found.top_examples[0].example == best and found.top_examples[0].tokens == domain.example_tokens[best]
 

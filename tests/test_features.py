@@ -220,10 +220,10 @@ def test_score_cli__any_scorer_is_what_the_solver_reads(workspace: Path, tmp_pat
     scores = json.loads(out.read_text())
     key = {"raw": "raw_act"}.get(scorer, scorer)
     for d in scores["domains"]:
-        assert d["sts"] == d["variants"][key]
+        assert d["score"] == d["variants"][key]
         weights = d["example_tokens"]
         mean = sum(s * w for s, w in zip(d["example_scores"], weights, strict=True)) / sum(weights)
-        assert mean == pytest.approx(d["sts"], abs=1e-4)
+        assert mean == pytest.approx(d["score"], abs=1e-4)
 
 
 def test_sts_tokens_response__counts_only_response_tokens(workspace: Path, tmp_path: Path) -> None:

@@ -243,7 +243,7 @@ def test_allocation__round_trips_through_json_with_the_documented_keys(tmp_path)
     data = json.loads((tmp_path / "allocation.json").read_text())
     for key in ("budget", "unit", "objective", "status", "solver", "solve_seconds", "target_fraction", "domains"):
         assert key in data
-    assert {"name", "sts", "count", "share", "epochs"} <= set(data["domains"][0])
+    assert {"name", "score", "count", "share", "epochs"} <= set(data["domains"][0])
     assert "share_interval" not in data["domains"][0]  # stability did not run
     assert Allocation.load(tmp_path / "allocation.json") == allocation
 

@@ -83,7 +83,7 @@ output: {{dir: out}}
 @pytest.fixture(scope="module")
 def validated(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(recipe, run folder) of one end-to-end run with --compare-mixtures."""
-    from mixopt.validate import run_validation
+    from mixopt.validation.run import run_validation
 
     recipe = write_validate_workspace(tmp_path_factory.mktemp("validate"))
     out = recipe.parent / "run"
@@ -98,7 +98,7 @@ def validated(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 SPLIT_CODE = """
 import json
 from mixopt.evaluate import MCQItem
-from mixopt.validate import split_items
+from mixopt.validation.data import split_items
 items = [MCQItem(f"question {i}", ("a", "b", "c", "d"), i % 4) for i in range(50)]
 evaluation, scoring, _ = split_items(items, 12, seed=3)
 print(json.dumps([i.question for i in evaluation]))
@@ -106,7 +106,7 @@ print(json.dumps([i.question for i in evaluation]))
 
 
 def test_split__identical_in_two_processes_with_different_hash_salts() -> None:
-    from mixopt.validate import split_items
+    from mixopt.validation.data import split_items
 
     processes = [  # started together: two cold imports in parallel
         subprocess.Popen(
@@ -128,7 +128,7 @@ def test_split__identical_in_two_processes_with_different_hash_salts() -> None:
 
 
 def test_split__drops_repeats_and_another_seed_holds_out_other_items() -> None:
-    from mixopt.validate import split_items
+    from mixopt.validation.data import split_items
 
     items = [MCQItem(f"q{i}", ("a", "b"), 0) for i in range(30)]
     evaluation, scoring, duplicates = split_items(items + items[:5], 10, seed=0)
@@ -245,32 +245,13 @@ def test_letter_metrics__on_a_toy_distribution() -> None:
     assert out == pytest.approx({"letter_mass": 0.8, "accuracy": 0.0, "letter_nll": -np.log(0.2)})
 
 
-def test_statistics__match_independent_formulas() -> None:
-    from scipy.stats import spearmanr
-
-    rng = np.random.default_rng(0)
-    x, z = rng.normal(size=40), rng.normal(size=40)
-    y = x + z + rng.normal(size=40)
-    assert ev.pearson(x, y) == pytest.approx(np.corrcoef(x, y)[0, 1])
-    assert ev.spearman(x, y) == pytest.approx(spearmanr(x, y).statistic)
-    rx, ry = x - np.polyval(np.polyfit(z, x, 1), z), y - np.polyval(np.polyfit(z, y, 1), z)  # residuals on z
-    assert ev.partial_pearson(x, y, z) == pytest.approx(np.corrcoef(rx, ry)[0, 1])
-    assert ev.spearman_brown(0.5) == pytest.approx(2 / 3)
-    constant_within = [np.full(10, float(k)) for k in range(5)]  # halves agree exactly
-    assert ev.split_half_reliability(constant_within, splits=3, seed=0) == pytest.approx(1.0)
-    idx = ev.bootstrap_indices(np.arange(40) // 2, 200, seed=0)  # 20 clusters of 2 rows
-    assert idx.shape == (200, 40) and (idx[:, ::2] // 2 == idx[:, 1::2] // 2).all()  # clusters drawn whole
-    draws = ev.pearson_rows(x[idx], y[idx])
-    assert draws[0] == pytest.approx(ev.pearson(x[idx[0]], y[idx[0]]))
-    lo, hi = ev.percentile_interval(draws)
-    assert lo < ev.pearson(x, y) < hi
-
-
 def test_compare__paired_intervals_cancel_the_noise_runs_share() -> None:
     """Two runs measured on the same items: one is the other plus 0.1 on every item. Paired resampling
     gives that difference with a zero-width interval, while each run's own interval stays wide."""
-    from mixopt.compare import compare_summary, paired_mean_draws
-    from mixopt.validate import Cells
+    from mixopt.stats import paired_mean_draws
+    from mixopt.validation.analysis import Cells
+    from mixopt.validation.compare import compare_summary
+    from mixopt.validation.measure import Measurement
 
     rng = np.random.default_rng(0)
     first = [rng.normal(size=30) for _ in range(3)]  # 3 domains x 30 items: per-item changes of run "a"
@@ -288,8 +269,8 @@ def test_compare__paired_intervals_cancel_the_noise_runs_share() -> None:
     summary = compare_summary(
         cells,
         "letter_mass",
-        {"heldout": {"t": [2.0] * 4}},
-        {r: {"heldout": {"t": v}} for r, v in own.items()},
+        Measurement({}, {"t": np.full(4, 2.0)}),
+        {r: Measurement({}, {"t": np.array(v)}) for r, v in own.items()},
         "t",
         200,
         0,
@@ -417,7 +398,7 @@ def trains_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_validate__rerun_reuses_finished_fine_tunes(validated: tuple[Path, Path], trains_nothing: None) -> None:
-    from mixopt.validate import run_validation
+    from mixopt.validation.run import run_validation
 
     recipe, out = validated
     before = json.loads((out / "validation.json").read_text())
@@ -427,7 +408,7 @@ def test_validate__rerun_reuses_finished_fine_tunes(validated: tuple[Path, Path]
 
 
 def test_cli__validate_command_prints_the_report(validated: tuple[Path, Path]) -> None:
-    from mixopt.validate import ValidationResult
+    from mixopt.validation.run import ValidationResult
 
     _, out = validated
     table = ValidationResult(out, json.loads((out / "validation.json").read_text())).table()
@@ -438,8 +419,9 @@ def test_cli__validate_command_prints_the_report(validated: tuple[Path, Path]) -
 def test_sweep__rescores_every_setting_without_training_and_agrees_with_the_report(
     validated: tuple[Path, Path], trains_nothing: None
 ) -> None:
-    from mixopt.sweep import TOP_K, best_row, sweep_table
-    from mixopt.validate import run_validation
+    from mixopt.validation.report import sweep_table
+    from mixopt.validation.run import run_validation
+    from mixopt.validation.sweep import TOP_K, best_row
 
     recipe, out = validated
     report = run_validation(load_validate_recipe(recipe), out, compare=True, sweep=True).report

@@ -1,0 +1,326 @@
+"""Validation report: every table (terminal) and plot (PNG) of `mixopt validate`, and `validation.json`.
+Reads the report record only, so a finished run can be re-reported without a model."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from mixopt import stats
+from mixopt.files import write_json
+from mixopt.validation.analysis import Cells, Record, primary_metric, reliable_metrics
+from mixopt.validation.sweep import best_row
+
+
+def _r(value: float | None) -> str:
+    """A correlation-like number; None (a NaN read back from validation.json) and NaN print as n/a."""
+    return "   n/a" if value is None or not np.isfinite(value) else f"{value:+.2f}"
+
+
+def _rci(stat: Record) -> str:
+    lo, hi = stat["ci"]
+    return f"{_r(stat['r'])} [{_r(lo)},{_r(hi)}]"
+
+
+def report_table(report: Record) -> str:
+    """The terminal summary: fine-tunes, metric reliabilities, pooled correlations, per-source Pearson."""
+    lines = [
+        f"validation: {len(report['sources'])} sources x {len(report['domains'])} domains, "
+        f"{report['split']['eval_items']} evaluation items per domain, "
+        f"{report['budget']} examples per fine-tune",
+        "",
+        f"{'source':<22} {'steps':>6} {'first loss':>10} {'last 10 loss':>12} {'own NLL before':>15} {'after':>8}",
+    ]
+    for name, s in report["sources"].items():
+        losses = s["finetune"]["losses"]
+        lines.append(
+            f"{name:<22} {s['finetune']['steps']:>6} {losses[0]:>10.3f} {np.mean(losses[-10:]):>12.3f} "
+            f"{s['own_nll']['before']:>15.3f} {s['own_nll']['after']:>8.3f}"
+        )
+    threshold = report["min_reliability"]
+    lines += [
+        "",
+        f"split-half reliability (Spearman-Brown; a change counts at >= {threshold:g})",
+        f"{'metric':<12} {'level':>7} {'change':>7}  counts",
+    ]
+    for m, info in report["metrics"].items():
+        rel = info["reliability"]
+        counts = "yes" if info["reliable"] else "no"
+        lines.append(f"{m:<12} {_r(rel['level']):>7} {_r(rel['change_pooled']):>7}  {counts}")
+    shown = reliable_metrics(report)
+    if not shown:
+        shown = list(report["metrics"])
+        lines += ["", f"no metric's change reaches reliability {threshold:g}: the correlations below are noise-level"]
+    for m in shown:
+        lines += ["", *_metric_table(report, m)]
+    if report.get("compare"):
+        lines += ["", compare_table(report["compare"])]
+    if report.get("sweep"):
+        lines += ["", sweep_table(report["sweep"])]
+    return "\n".join(lines)
+
+
+def _metric_table(report: Record, metric: str) -> list[str]:
+    pooled = report["correlations"][metric]["pooled"]
+    n = next(iter(pooled["scores"].values()))["abs"]["n"]
+    lines = [
+        f"{metric}: correlation over {n} source x domain cells (95% intervals resample domains)",
+        f"{'score':<11} {'|change| Pearson':>22} {'|change| Spearman':>22} {'change Pearson':>22} "
+        f"{'change Spearman':>22}  {'within-source |change| r':>24}",
+    ]
+    within = report["correlations"][metric]["within"]["scores"]
+    for name, corr in pooled["scores"].items():
+        lines.append(
+            f"{name:<11} {_rci(corr['abs']['pearson']):>22} {_rci(corr['abs']['spearman']):>22} "
+            f"{_rci(corr['signed']['pearson']):>22} {_rci(corr['signed']['spearman']):>22}  "
+            f"{_rci(within[name]['abs']['pearson']):>24}"
+        )
+    for variant, corr in pooled.get("partial_given_similarity", {}).items():
+        lines.append(
+            f"partial r({variant}, |change| | similarity) = {_rci(corr['abs'])}; "
+            f"r({variant}, change | similarity) = {_rci(corr['signed'])}"
+        )
+    by_source = report["correlations"][metric]["by_source"]
+    lines.append(
+        "per source, Pearson with |change|: "
+        + "; ".join(
+            f"{s}: " + ", ".join(f"{k} {_r(v['abs']['pearson']['r'])}" for k, v in info["scores"].items())
+            for s, info in by_source.items()
+        )
+    )
+    return [*lines, verdict(report, metric)]
+
+
+def verdict(report: Record, metric: str) -> str:
+    """One line: which score forecasts |change| best here, and whether STS adds anything beyond similarity."""
+    pooled = report["correlations"][metric]["pooled"]
+    r = {k: v["abs"]["pearson"]["r"] for k, v in pooled["scores"].items()}
+    finite = {k: v for k, v in r.items() if v is not None and np.isfinite(v)}
+    if not finite:
+        return "verdict: no score correlates (too few cells)"
+    best = max(finite, key=lambda k: finite[k])
+    line = f"verdict: best forecaster of |change| is {best} (Pearson {_r(finite[best])})"
+    sts_name = report["sts_score"]
+    partial = pooled.get("partial_given_similarity", {}).get(sts_name)
+    if partial is not None:
+        lo, hi = partial["abs"]["ci"]
+        if lo is not None and hi is not None and np.isfinite(lo) and np.isfinite(hi):
+            adds = (
+                "adds signal beyond" if lo > 0 else "points the wrong way beyond" if hi < 0 else "adds nothing beyond"
+            )
+            line += f"; STS {sts_name} {adds} similarity (partial r {_rci(partial['abs'])})"
+    return line
+
+
+def _vci(stat: Record, key: str = "value") -> str:
+    lo, hi = stat["ci"]
+    return f"{stat[key]:+.4f} [{lo:+.4f},{hi:+.4f}]"
+
+
+COMPARE_ROWS = {
+    "mean_change": "mean change",
+    "worst_change": "worst domain's change",
+    "target_gain_nll": "target held-out NLL drop",
+}
+
+
+def compare_table(compare: Record) -> str:
+    """The recipe's metric in full (every domain), then each other metric's mean and worst change; every
+    run with its 95% interval over items, and the paired differences between runs."""
+    primary = compare["by_metric"][compare["metric"]]
+    runs, width = primary["runs"], 28
+    names = list(runs)
+    lines = [
+        "mixture comparison at the same budget (95% intervals resample items, not fine-tune seeds)",
+        f"{'change in ' + _metric_label(primary):<34}" + "".join(f"{n:>{width}}" for n in names),
+    ]
+    for d in runs[names[0]]["per_domain"]:
+        lines.append(f"{d:<34}" + "".join(f"{runs[n]['per_domain'][d]:>+{width}.4f}" for n in names))
+    lines.append(
+        f"{'worst domain':<34}" + "".join(f"{runs[n]['worst']['domain'][: width - 2]:>{width}}" for n in names)
+    )
+    lines += _compare_rows(primary, list(COMPARE_ROWS), width)
+    for metric, summary in compare["by_metric"].items():
+        if metric != compare["metric"]:
+            lines += ["", f"change in {_metric_label(summary)}", *_compare_rows(summary, list(COMPARE_ROWS)[:2], width)]
+    return "\n".join(lines)
+
+
+def _metric_label(summary: Record) -> str:
+    return f"{summary['metric']} ({'higher' if summary['higher_is_better'] else 'lower'} is better)"
+
+
+def _compare_rows(summary: Record, keys: list[str], width: int) -> list[str]:
+    """Each run's statistics (one row per key), then each paired difference (one column per key)."""
+    runs = summary["runs"]
+    lines = [f"{COMPARE_ROWS[k]:<34}" + "".join(f"{_vci(run[k]):>{width}}" for run in runs.values()) for k in keys]
+    lines.append(f"{'paired difference (same items)':<34}" + "".join(f"{COMPARE_ROWS[k]:>{width}}" for k in keys))
+    for diff in summary["differences"]:
+        later, earlier = diff["runs"]
+        spread = diff.get("extra_rows_vs_gain_spearman")
+        lines.append(
+            f"{'  ' + later + ' - ' + earlier:<34}"
+            + "".join(f"{_vci(diff[k], 'difference'):>{width}}" for k in keys)
+            + ("" if spread is None else f"   extra rows vs gain, Spearman over domains {_r(spread)}")
+        )
+    return lines
+
+
+def sweep_table(sweep: Record) -> str:
+    reference = sweep.get("reference", "act")
+    lines = [
+        f"sweep: every setting against the change in {sweep['metric']} (95% intervals resample domains; "
+        f"the last column is paired, against the recipe's {reference})",
+        f"{'setting':<15} {'scorer':<11} {'|change| Pearson':>20} {'|change| Spearman':>20} "
+        f"{'within |change| Spearman':>24} {'change Pearson':>20} {'within minus ' + reference:>22}",
+    ]
+    for r in sweep["rows"]:
+        p, w = r["pooled"], r["within"]
+        versus = r.get("versus_reference", {"difference": None, "ci": [None, None]})
+        lines.append(
+            f"{r['setting']:<15} {r['scorer']:<11} {_rci(p['abs']['pearson']):>20} {_rci(p['abs']['spearman']):>20} "
+            f"{_rci(w['abs']['spearman']):>24} {_rci(p['signed']['pearson']):>20} "
+            f"{_rci({'r': versus['difference'], 'ci': versus['ci']}):>22}"
+        )
+    best = best_row(sweep)
+    lines.append(f"best within-source forecaster of |change|: {best['scorer']} at {best['setting']}; {_beats(best)}")
+    if sweep.get("best_across_metrics"):
+        lines.append(
+            f"the same row on every reliable metric (within-source |change| Spearman; minus {reference}, paired; "
+            "share of resamples where it is not above; per source):"
+        )
+        for m, v in sweep["best_across_metrics"].items():
+            per_source = ", ".join(f"{s} {_r(r)}" for s, r in v["by_source"].items())
+            lines.append(
+                f"  {m:<12} {_r(v['r'])} ({reference} {_r(v['reference_r'])})  "
+                f"{_rci({'r': v['difference'], 'ci': v['ci']})}  {v['share_not_above']:.3f}  {per_source}"
+            )
+    return "\n".join(lines)
+
+
+def _beats(row: Record) -> str:
+    """Whether a row's edge over the recipe's scorer is more than resampling noise (paired interval)."""
+    lo, hi = row.get("versus_reference", {}).get("ci", [None, None])
+    if lo is None or hi is None or not (np.isfinite(lo) and np.isfinite(hi)):
+        return "no paired interval"
+    if lo > 0:
+        return "better than the recipe's scorer beyond resampling noise"
+    if lo == hi == 0:
+        return "identical to the recipe's scorer on every resample"
+    return "not distinguishable from the recipe's scorer (the paired interval includes 0)"
+
+
+def plot_scatter(
+    source: str,
+    domains: Sequence[str],
+    scores: dict[str, np.ndarray],
+    delta: np.ndarray,
+    metric: str,
+    sts_name: str,
+    path: Path,
+) -> None:
+    """One source: its STS and its centered similarity against each domain's change, points labelled."""
+    from mixopt.plots import plt, save_figure
+
+    panels = [name for name in (sts_name, "similarity") if name in scores]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 5.5), squeeze=False)
+    for ax, name in zip(axes[0], panels, strict=True):
+        ax.scatter(scores[name], delta, color="#3b6ea8", s=18)
+        for x, y, label in zip(scores[name], delta, domains, strict=True):
+            ax.annotate(label, (x, y), fontsize=6, xytext=(2, 2), textcoords="offset points")
+        r = stats.pearson(scores[name], np.abs(delta))
+        ax.set_title(f"{source}: {name} (Pearson with |change| {_r(r)})", loc="left", fontsize=10)
+        ax.set_xlabel(name)
+        ax.set_ylabel(f"change in {metric} (after - before)")
+        ax.axhline(0, color="black", linewidth=0.8)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def plot_correlations(report: Record, path: Path) -> None:
+    """Pooled Pearson of each score with |change| and change, with 95% intervals, one panel per metric."""
+    from mixopt.plots import plt, save_figure
+
+    metrics = reliable_metrics(report) or list(report["metrics"])
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 4), squeeze=False, sharey=True)
+    for ax, m in zip(axes[0], metrics, strict=True):
+        scores = report["correlations"][m]["pooled"]["scores"]
+        x = np.arange(len(scores))
+        for offset, target, color in ((-0.2, "abs", "#3b6ea8"), (0.2, "signed", "#c4622d")):
+            r = np.array([s[target]["pearson"]["r"] for s in scores.values()], dtype=float)
+            ci = np.array([s[target]["pearson"]["ci"] for s in scores.values()], dtype=float)  # (scores, 2)
+            err = np.abs(np.nan_to_num(np.stack([r - ci[:, 0], ci[:, 1] - r]), nan=0.0))
+            ax.bar(
+                x + offset,
+                np.nan_to_num(r),
+                width=0.4,
+                yerr=err,
+                capsize=3,
+                color=color,
+                label="|change|" if target == "abs" else "change",
+            )
+        ax.set_xticks(x, list(scores), rotation=30)
+        reliable = "" if report["metrics"][m]["reliable"] else " (unreliable)"
+        ax.set_title(f"{m}{reliable}", loc="left", fontsize=10)
+        ax.axhline(0, color="black", linewidth=0.8)
+        ax.set_ylim(-1.05, 1.05)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].set_ylabel("Pearson r, pooled cells (95% interval)")
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def plot_compare(summary: Record, path: Path) -> None:
+    """Each domain's change under each run (bars: one bootstrap standard error over items), domains ordered by
+    the target-only change."""
+    from mixopt.plots import figure_height, plt, save_figure
+
+    runs = summary["runs"]
+    names = list(runs)
+    domains = sorted(runs[names[0]]["per_domain"], key=lambda d: runs[names[0]]["per_domain"][d])
+    y = np.arange(len(domains))
+    fig, ax = plt.subplots(figsize=(8, figure_height(len(domains) * 1.5)))
+    for k, (run, color) in enumerate(zip(names, ("#9a9a9a", "#5b8c5a", "#3b6ea8"), strict=False)):
+        values = [runs[run]["per_domain"][d] for d in domains]
+        ax.barh(
+            y + (k - 1) * 0.27,
+            values,
+            height=0.27,
+            xerr=[runs[run]["per_domain_stderr"][d] for d in domains],
+            error_kw={"elinewidth": 0.6, "capsize": 1.5},
+            color=color,
+            label=f"{run} (target NLL drop {runs[run]['target_gain_nll']['value']:+.3f})",
+        )
+    ax.set_yticks(y, domains, fontsize=7)
+    direction = "higher is better" if summary["higher_is_better"] else "lower is better"
+    ax.set_xlabel(f"change in {summary['metric']} ({direction})")
+    ax.set_title("Same budget: target only vs uniform replay vs mixopt", loc="left")
+    ax.axvline(0, color="black", linewidth=0.8)
+    ax.legend(fontsize=8)
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def write_report(out: Path, report: Record, matrix: dict[str, np.ndarray], cells: Cells, sts_name: str) -> None:
+    """validation.json (atomically) and the plots."""
+    metric = primary_metric(report)
+    report["primary_metric"] = metric
+    for i, source in enumerate(cells.sources):
+        plot_scatter(
+            source,
+            cells.domains,
+            {k: v[i] for k, v in matrix.items()},
+            cells.delta[metric][i],
+            metric,
+            sts_name,
+            out / "plots" / f"scatter_{source}.png",
+        )
+    plot_correlations(report, out / "plots" / "correlations.png")
+    if report.get("compare"):
+        plot_compare(report["compare"]["by_metric"][report["compare"]["metric"]], out / "plots" / "compare.png")
+    write_json(out / "validation.json", report, strict=True)
