@@ -20,10 +20,18 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mixopt.errors import MixoptError
 from mixopt.files import write_json
+
+if TYPE_CHECKING:  # types only: `mixopt explain` loads no torch and no solver
+    import torch
+
+    from mixopt.encoding import Encoded
+    from mixopt.features import PassResult
+    from mixopt.scores import DomainScore, Scores
+    from mixopt.solver import Allocation
 
 EVIDENCE_VERSION = 1
 SNIPPETS = 5  # per latent and source (of features.TOP_CONTEXTS kept)
@@ -156,18 +164,18 @@ class ScoredSource:
     """One source as the scoring pass holds it (`pipeline.score_recipe`)."""
 
     name: str
-    examples: list[Any]  # encoding.Encoded: the zero-shot pass's examples (TopContexts index them)
-    result: Any  # features.PassResult of the zero-shot pass (its stats carry `top`)
-    score: Any  # scores.DomainScore
-    icl: Any | None = None  # features.PassResult of the domain's ICL pass (scorer `icl`)
-    icl_examples: list[Any] | None = None  # its examples: `score.example_scores` are over them for `icl`
+    examples: list[Encoded]  # the zero-shot pass's examples (TopContexts index them)
+    result: PassResult  # the zero-shot pass (its stats carry `top`)
+    score: DomainScore
+    icl: PassResult | None = None  # the domain's ICL pass (scorer `icl`)
+    icl_examples: list[Encoded] | None = None  # its examples: `score.example_scores` are over them for `icl`
 
 
 def _round(value: float) -> float:
     return float(f"{value:.6g}")  # float32 sums: more digits are noise, and they bloat the JSON
 
 
-def _snippet(tokenizer: Any, source: str, encoded: Any, activation: float, example: int, position: int) -> Snippet:
+def _snippet(tokenizer: Any, source: str, encoded: Encoded, activation: float, example: int, position: int) -> Snippet:
     ids = encoded.ids
 
     def text(part: list[int]) -> str:
@@ -184,7 +192,7 @@ def _snippet(tokenizer: Any, source: str, encoded: Any, activation: float, examp
     )
 
 
-def _counted_text(tokenizer: Any, encoded: Any) -> str:
+def _counted_text(tokenizer: Any, encoded: Encoded) -> str:
     """The example's counted tokens decoded, each run of consecutive counted tokens on its own line."""
     runs: list[list[int]] = []
     previous = False
@@ -198,7 +206,7 @@ def _counted_text(tokenizer: Any, encoded: Any) -> str:
     return text if len(text) <= MAX_TEXT else text[: MAX_TEXT - 1] + "…"
 
 
-def _terms(source: ScoredSource, scorer: str, latents: Any) -> list[LatentTerm]:
+def _terms(source: ScoredSource, scorer: str, latents: torch.Tensor) -> list[LatentTerm]:
     from mixopt import sts
 
     stats = source.result.stats
@@ -244,8 +252,8 @@ def _latent(tokenizer: Any, index: int, shift: float, sources: list[ScoredSource
     return LatentEvidence(index, shift, mean, frequency, snippets)
 
 
-def collect_evidence(tokenizer: Any, scores: Any, tokens: str, sources: list[ScoredSource]) -> Evidence:
-    """Evidence for `scores` (scores.Scores) from its scored sources, the target first.
+def collect_evidence(tokenizer: Any, scores: Scores, tokens: str, sources: list[ScoredSource]) -> Evidence:
+    """Evidence for `scores` from its scored sources, the target first (`tokenizer`: the model's).
 
     `tokens`: which tokens were scored (recipe `sts.tokens`), for the scorer's caveat."""
     import torch
@@ -302,8 +310,8 @@ class Explanation:
     notes: list[str] = field(default_factory=list)  # the solver's notes (what it skipped)
 
     @classmethod
-    def build(cls, scores: Any, allocation: Any, evidence: Evidence) -> Explanation:
-        """Join scores (scores.Scores), allocation (solver.Allocation) and their evidence."""
+    def build(cls, scores: Scores, allocation: Allocation, evidence: Evidence) -> Explanation:
+        """Join scores, allocation and their evidence."""
         allocated = {d.name: d for d in allocation.domains}
         found = {d.name: d for d in evidence.domains}
         scored = {d.name for d in scores.domains}
@@ -399,7 +407,9 @@ class Explanation:
         return asdict(self)
 
 
-def write_explanation(out: Path, scores: Any, allocation: Any, evidence: Evidence, manifest: dict[str, Any]) -> None:
+def write_explanation(
+    out: Path, scores: Scores, allocation: Allocation, evidence: Evidence, manifest: dict[str, Any]
+) -> None:
     """`OUT/explain.json`, the extra plots and `OUT/report.html` for a plan written to `out`."""
     from mixopt.html_report import write_report
 
