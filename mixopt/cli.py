@@ -232,8 +232,33 @@ def output_dir(recipe: Any) -> Path:
     "and rank them; "
     "trains nothing more.",
 )
+@click.option(
+    "--rescore",
+    is_flag=True,
+    help="Score again and recompute every correlation from the recorded measurements; train and measure "
+    "nothing (an error if a measurement is missing). Judges a new scorer on the same fine-tunes.",
+)
+@click.option(
+    "--from",
+    "evidence_from",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Kept evidence (e.g. docs/validation): its measurements are copied into OUT first, where OUT has none.",
+)
+@click.option(
+    "--keep",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="After the run, copy its measurements (gzipped) and validation.json into this folder (e.g. docs/validation).",
+)
 @user_errors
-def validate(recipe: Path, out: Path | None, compare_mixtures: bool, sweep: bool) -> None:
+def validate(
+    recipe: Path,
+    out: Path | None,
+    compare_mixtures: bool,
+    sweep: bool,
+    rescore: bool,
+    evidence_from: Path | None,
+    keep: Path | None,
+) -> None:
     """Fine-tune for real on each source of RECIPE and check which scores forecast the per-domain change.
 
     Splits each evaluation domain by content hash into a scoring part and held-out items, measures the
@@ -246,12 +271,23 @@ def validate(recipe: Path, out: Path | None, compare_mixtures: bool, sweep: bool
     e.g. mixopt validate recipes/validate-mmlu.yaml
          mixopt validate recipes/validate-mmlu.yaml --out runs/v --compare-mixtures
          mixopt validate recipes/validate-mmlu.yaml --sweep      (after a run: which k, m, variant)
+         mixopt validate recipes/validate-mmlu.yaml --rescore --from docs/validation   (no fine-tune)
     """
     from mixopt.recipe import load_validate_recipe
+    from mixopt.validation import evidence
     from mixopt.validation.run import run_validation
 
     spec = load_validate_recipe(recipe)
-    result = run_validation(spec, out or output_dir(spec), compare=compare_mixtures, sweep=sweep)
+    folder = out or output_dir(spec)
+    if evidence_from is not None:
+        restored = evidence.restore(evidence_from, folder)
+        click.echo(
+            f"restored {len(restored)} measurements from {evidence_from}: {', '.join(restored) or '-'}", err=True
+        )
+    result = run_validation(spec, folder, compare=compare_mixtures, sweep=sweep, rescore=rescore)
+    if keep is not None:
+        kept = evidence.keep(folder, keep)
+        click.echo(f"kept {len(kept)} files in {keep}", err=True)
     click.echo(result.table())
     click.echo(f"\nreport: {result.out / 'validation.json'}")
     click.echo(f"plots: {result.out / 'plots'}")

@@ -22,6 +22,14 @@ class Encoded:
     ids: list[int]
     counted: list[bool]  # content tokens: scored
     response: list[bool]  # response tokens: what a trainer puts loss on (all content for plain text)
+    # Where the example's own turn starts: ids before it are the conversation's head (the template's system
+    # block, or BOS), which an ICL input has once, before the demonstrations (DESIGN.md section 3, step 1).
+    turn_start: int = 0
+
+    @property
+    def turn(self) -> Encoded:
+        """The example's own turn: what follows the demonstrations in an ICL input."""
+        return Encoded(self.ids[self.turn_start :], self.counted[self.turn_start :], self.response[self.turn_start :])
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -53,26 +61,53 @@ def render_chat(tokenizer: object, turns: list[tuple[str, str]]) -> tuple[str, l
     return text, spans
 
 
-def _tokenize(tokenizer: object, text: str, spans: list[tuple[int, int, bool]], max_length: int) -> Encoded:
+def conversation_head(tokenizer: object, prompt: str, response: str) -> int:
+    """Characters of the rendered one-turn conversation that precede the turn itself (the template's system
+    block). Found as what the turn does not repeat when it follows another turn: render([x, q]) =
+    render([x]) + T(q), and render([q]) = head + T(q). 0 when the template is not append-only that way."""
+    if not has_chat_template(tokenizer):
+        return 0
+    text, _ = render_chat(tokenizer, [(prompt, response)])
+    first, _ = render_chat(tokenizer, [("x", "y")])
+    both, _ = render_chat(tokenizer, [("x", "y"), (prompt, response)])
+    turn = both[len(first) :]
+    return len(text) - len(turn) if both.startswith(first) and text.endswith(turn) else 0
+
+
+def _tokenize(
+    tokenizer: object, text: str, spans: list[tuple[int, int, bool]], max_length: int, head: int = 0
+) -> Encoded:
+    """Tokenize `text[:head]` and `text[head:]` separately and concatenate: the turn's ids do not depend on
+    what precedes it, so they are identical after the head or after demonstrations."""
     if not getattr(tokenizer, "is_fast", False):
         raise ModelError("mixopt needs a fast tokenizer (character offsets); load one with use_fast=True")
     # A chat template already carries its special tokens; plain text gets the tokenizer's BOS, if any.
-    enc = tokenizer(  # type: ignore[operator]
-        text, add_special_tokens=not has_chat_template(tokenizer), return_offsets_mapping=True
-    )
+    special = not has_chat_template(tokenizer)
+    ids: list[int] = []
     counted, response = [], []
-    for start, end in enc["offset_mapping"]:
-        inside = [is_resp for s, e, is_resp in spans if start < e and end > s and end > start]
-        counted.append(bool(inside))
-        response.append(any(inside))
-    ids = enc["input_ids"][:max_length]
-    return Encoded(ids, counted[: len(ids)], response[: len(ids)])
+    turn_start = 0
+    for offset, piece in ((0, text[:head]), (head, text[head:])):
+        if not piece:
+            continue
+        if offset:
+            turn_start = len(ids)
+        enc = tokenizer(piece, add_special_tokens=special and not offset, return_offsets_mapping=True)  # type: ignore[operator]
+        ids += enc["input_ids"]
+        for start, end in enc["offset_mapping"]:
+            start, end = start + offset, end + offset
+            inside = [is_resp for s, e, is_resp in spans if start < e and end > s and end > start]
+            counted.append(bool(inside))
+            response.append(any(inside))
+    if special:  # plain text: the leading special tokens (BOS) are the head
+        turn_start = next((i for i, c in enumerate(counted) if c), 0)
+    ids = ids[:max_length]
+    return Encoded(ids, counted[: len(ids)], response[: len(ids)], min(turn_start, len(ids)))
 
 
 def encode_chat(tokenizer: object, prompt: str, response: str, max_length: int) -> Encoded:
     """A prompt/response example, in the chat template when the tokenizer has one."""
     text, spans = render_chat(tokenizer, [(prompt, response)])
-    return _tokenize(tokenizer, text, spans, max_length)
+    return _tokenize(tokenizer, text, spans, max_length, conversation_head(tokenizer, prompt, response))
 
 
 def encode_text(tokenizer: object, text: str, max_length: int) -> Encoded:

@@ -6,9 +6,10 @@ activating examples (`TopContexts`, O(d_sae x N)), so `mixopt explain` shows sni
 Results are cached on disk keyed by the exact token ids scored, the model, the SAE and the layer, so a
 second run, or a run killed half-way, recomputes nothing it already finished.
 
-ICL alignment (DESIGN.md section 3): the demonstration prefix and the query are tokenized separately
-and their ids concatenated, so the query's ids are identical with and without the prefix; only the
-query's counted tokens are compared, position by position.
+ICL alignment (DESIGN.md section 3): the demonstration prefix (with the conversation's head: the template's
+system block) and the query's own turn are tokenized separately and their ids concatenated, so the turn's
+ids are identical in the zero-shot input ([head] + turn) and the ICL input ([head] + demos + turn), one
+conversation in both; only the query's counted tokens are compared, in order.
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ from mixopt.encoding import Encoded
 from mixopt.files import Digest, atomic_write
 from mixopt.model import LoadedModel, cache_dir, prefix_cache, residual_stream
 
-CACHE_VERSION = 2  # 2: SourceStats.top (each latent's top activating examples)
+# 2: the ICL query no longer repeats the conversation head after the demonstrations
+# 3: SourceStats.top (each latent's top activating examples)
+CACHE_VERSION = 3
 TOP_CONTEXTS = 8  # N: examples kept per latent and source (`TopContexts`)
 
 
@@ -203,8 +206,9 @@ def run_pass(
             stats.latents.update(f0, example)
             stats.resid.update(h0, example)
             top.update(f0, mask, torch.tensor(batch))
-            if shift is not None:  # the same ids after the demonstrations: positions align one to one
-                h1, f1 = _encode_counted(lm, sae, layer, [r.ids for r in rows], mask, cache)
+            if shift is not None:  # the same turn ids after the demonstrations: counted tokens align one to one
+                turns = [r.turn for r in rows]  # one conversation: the head (system block) only before the demos
+                h1, f1 = _encode_counted(lm, sae, layer, [t.ids for t in turns], _counted_mask(turns), cache)
                 shift.latents.update((f1 - f0).square(), example)
                 shift.resid.update((h1 - h0).square(), example)
             bar.update(len(example))

@@ -17,6 +17,7 @@ Example:
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -90,7 +91,7 @@ def _resume(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, ke
         return FinetuneResult(0, 0, 0.0)
     state = torch.load(path, map_location="cpu", weights_only=True)
     if state["fingerprint"] != key:  # other data, schedule or seed: its steps are no use to this run
-        tqdm.write(f"{path}: checkpoint of another configuration; starting this fine-tune afresh")
+        tqdm.write(f"{path}: checkpoint of another configuration; starting this fine-tune afresh", file=sys.stderr)
         return FinetuneResult(0, 0, 0.0)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])

@@ -9,10 +9,12 @@ resumable on-disk shards, then sae-lens's `SAETrainer` fits the SAE on them with
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import shutil
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -261,7 +263,9 @@ def fit_sae(recipe: SAETrainRecipe, acts: torch.Tensor, work: Path) -> Any:
         trainer.load_trainer_state(latest)
         skip = trainer.n_training_steps
         trainer.data_provider = _batches(acts, t.batch_size, recipe.seed, skip)
-        print(f"resuming SAE training from {latest.name} ({trainer.n_training_samples:,} samples done)")
+        print(
+            f"resuming SAE training from {latest.name} ({trainer.n_training_samples:,} samples done)", file=sys.stderr
+        )
     return trainer.fit()
 
 
@@ -278,7 +282,8 @@ def train_sae(recipe: SAETrainRecipe) -> SAEQuality:
     acts = store.load()
     n_heldout = max(1, math.ceil(len(acts) * recipe.training.holdout))
     train, heldout = acts[:-n_heldout], acts[-n_heldout:]
-    sae = fit_sae(recipe, train, work)
+    with contextlib.redirect_stdout(sys.stderr):  # stdout carries the quality JSON only (sae-lens prints)
+        sae = fit_sae(recipe, train, work)
 
     from sae_lens import SAE
 

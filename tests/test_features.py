@@ -170,11 +170,11 @@ def test_icl_shift__compares_the_querys_own_ids_position_by_position(lm: LoadedM
     prefix = encode_demonstrations(lm.tokenizer, [("What is 1 plus 1?", "2")])
     result = run_pass(lm, sae, LAYER, examples, prefix, 512, "t")
     e = examples[1]
-    ids0, ids1 = torch.tensor([e.ids]), torch.tensor([prefix + e.ids])
-    assert ids1[0, len(prefix) :].tolist() == e.ids  # the query's ids are identical with and without demos
-    counted = torch.tensor(e.counted)
-    f0 = sae.encode(residual_stream(lm.model, ids0, torch.ones_like(ids0), LAYER)[0][counted])
-    f1 = sae.encode(residual_stream(lm.model, ids1, torch.ones_like(ids1), LAYER)[0, len(prefix) :][counted])
+    ids0, ids1 = torch.tensor([e.ids]), torch.tensor([prefix + e.turn.ids])
+    assert ids1[0, len(prefix) :].tolist() == e.ids[e.turn_start :]  # the turn's ids, with and without demos
+    f0 = sae.encode(residual_stream(lm.model, ids0, torch.ones_like(ids0), LAYER)[0][torch.tensor(e.counted)])
+    turn = residual_stream(lm.model, ids1, torch.ones_like(ids1), LAYER)[0, len(prefix) :]
+    f1 = sae.encode(turn[torch.tensor(e.turn.counted)])
     torch.testing.assert_close(
         result.shift.latents.per_example[1].double(), (f1 - f0).square().sum(0).double(), rtol=1e-4, atol=1e-5
     )
@@ -295,3 +295,40 @@ def test_score_cli__layer_out_of_range_is_one_line_exit_2(workspace: Path, tmp_p
     result = CliRunner().invoke(cli, ["score", str(recipe)])
     assert result.exit_code == 2
     assert "sae.layer 7 is out of range: the model has blocks 0..1" in result.output
+
+
+def test_icl_input__is_one_conversation_with_the_system_block_once(lm: LoadedModel, sae) -> None:
+    """DESIGN.md section 3, step 1: zero-shot = [system] + query turn, ICL = [system] + demos + the same
+    query turn ids; the query's own turn must not restart the conversation after the demonstrations."""
+    import copy
+    import dataclasses
+
+    from tests.tiny import CHATML_WITH_SYSTEM
+
+    tokenizer = copy.deepcopy(lm.tokenizer)
+    tokenizer.chat_template = CHATML_WITH_SYSTEM
+    with_system = dataclasses.replace(lm, tokenizer=tokenizer)
+    e = encode_chat(tokenizer, "What is 3 plus 4?", "7", 256)
+    prefix = encode_demonstrations(tokenizer, [("What is 1 plus 1?", "2")])
+    assert tokenizer.decode(e.ids).count("system") == 1 and e.turn_start > 0
+    assert (
+        e.ids
+        == tokenizer(
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": "What is 3 plus 4?"}, {"role": "assistant", "content": "7"}],
+                tokenize=False,
+            ),
+            add_special_tokens=False,
+        )["input_ids"]
+    )  # splitting the head changes no id
+    icl = tokenizer.decode(prefix + e.turn.ids)
+    assert icl.count("system") == 1 and icl.index("What is 1 plus 1?") < icl.index("What is 3 plus 4?")
+    assert sum(e.turn.counted) == sum(e.counted)  # the head holds no content token
+    result = run_pass(with_system, sae, LAYER, [e], prefix, 512, "t")
+    ids0, ids1 = torch.tensor([e.ids]), torch.tensor([prefix + e.turn.ids])
+    f0 = sae.encode(residual_stream(lm.model, ids0, torch.ones_like(ids0), LAYER)[0][torch.tensor(e.counted)])
+    turn = residual_stream(lm.model, ids1, torch.ones_like(ids1), LAYER)[0, len(prefix) :]
+    f1 = sae.encode(turn[torch.tensor(e.turn.counted)])
+    torch.testing.assert_close(
+        result.shift.latents.per_example[0].double(), (f1 - f0).square().sum(0).double(), rtol=1e-4, atol=1e-5
+    )

@@ -13,6 +13,11 @@ CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+# SmolLM2's shape: a default system block when the conversation has none
+CHATML_WITH_SYSTEM = (
+    "{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    + CHATML
+)
 CORPUS = [
     "Tom has 3 apples and buys 4 more. How many apples does he have? 3 + 4 = 7. #### 7",
     "The court ruled that the contract was void because one party lacked capacity.",

@@ -143,7 +143,9 @@ def run_compare(run: ValidationRun) -> Record:
     runs = {target.name: run.after[target.name]}
     for mixture in mixture_runs(recipe, target, run.domains, run.scores[target.name]):
         t = time.perf_counter()
-        runs[mixture.name] = train_and_measure(recipe, mixture, run.items, target.heldout, run.out, run.identity)
+        runs[mixture.name] = train_and_measure(
+            recipe, mixture, run.items, target.heldout, run.out, run.identity, run.recorded_only
+        )
         run.timings[f"finetune_{mixture.name}"] = time.perf_counter() - t
     e = recipe.evaluation
     base = run.measured_base

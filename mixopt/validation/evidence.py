@@ -30,6 +30,7 @@ class ValidationRun:
     base: Measurement | None = None
     after: dict[str, Measurement] = field(default_factory=dict)  # source -> its fine-tune's measurement
     timings: dict[str, float] = field(default_factory=dict)
+    recorded_only: bool = False  # --rescore: read every measurement back, train and measure nothing
 
     def source(self, name: str) -> SourceData:
         return next(s for s in self.sources if s.name == name)
@@ -47,3 +48,46 @@ def spans_of(domains: list[DomainData]) -> dict[str, slice]:
         spans[d.name] = slice(start, start + len(d.evaluation))
         start += len(d.evaluation)
     return spans
+
+
+# ------------------------------------------------------------------------------------- kept evidence
+#
+# A validation's fine-tunes cost hours; its measurements are small. `keep` copies them (gzipped, with their
+# content keys) and validation.json into a folder that lives in the repository (docs/validation/), and
+# `restore` puts them back into a run folder, where `cached_measurement` reads them as if just made: a new
+# scorer is then judged on the same fine-tunes (`mixopt validate --rescore --from docs/validation`).
+
+METRICS_DIR = "metrics"
+
+
+def keep(out: Path, evidence: Path) -> list[Path]:
+    """Copy every measurement of the run folder `out` (and validation.json, if written) into `evidence`."""
+    import gzip
+    import shutil
+
+    kept = []
+    for path in sorted((out / METRICS_DIR).glob("*.json")):
+        target = evidence / METRICS_DIR / f"{path.name}.gz"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("rb") as src, gzip.GzipFile(target, "wb", mtime=0) as dst:  # mtime 0: same bytes, same file
+            shutil.copyfileobj(src, dst)
+        kept.append(target)
+    if (out / "validation.json").exists():
+        shutil.copyfile(out / "validation.json", evidence / "validation.json")
+        kept.append(evidence / "validation.json")
+    return kept
+
+
+def restore(evidence: Path, out: Path) -> list[str]:
+    """Put the kept measurements back into `out/metrics` where it has none of that name; returns their names."""
+    import gzip
+
+    from mixopt.files import write_text
+
+    restored = []
+    for path in sorted((evidence / METRICS_DIR).glob("*.json.gz")):
+        target = out / METRICS_DIR / path.name.removesuffix(".gz")
+        if not target.exists():
+            write_text(target, gzip.decompress(path.read_bytes()).decode("utf-8"))
+            restored.append(target.stem)
+    return restored

@@ -26,7 +26,13 @@ class Run:
 
 
 def train_and_measure(
-    recipe: ValidateRecipe, run: Run, items: Sequence[MCQItem], heldout: list[Pair], out: Path, identity: str
+    recipe: ValidateRecipe,
+    run: Run,
+    items: Sequence[MCQItem],
+    heldout: list[Pair],
+    out: Path,
+    identity: str,
+    recorded_only: bool = False,
 ) -> Measurement:
     """Fine-tune a fresh copy on the run's rows (resuming), then measure it; the checkpoint is then dropped."""
     import torch
@@ -69,4 +75,4 @@ def train_and_measure(
         remove_checkpoint(folder)
         return dataclasses.replace(measured, finetune=result.to_dict(), mixture=run.mixture, examples=len(examples))
 
-    return cached_measurement(out / "metrics" / f"{run.name}.json", key, compute)
+    return cached_measurement(out / "metrics" / f"{run.name}.json", key, compute, recorded_only)

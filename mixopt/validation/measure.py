@@ -14,6 +14,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from mixopt import evaluate as ev
+from mixopt.errors import MixoptError
 from mixopt.evaluate import MCQItem
 from mixopt.files import write_json
 from mixopt.model import LoadedModel
@@ -84,12 +85,21 @@ def measure(
     return Measurement(values, own)
 
 
-def cached_measurement(path: Path, key: str, compute: Callable[[], Measurement]) -> Measurement:
-    """Read a measurement back if it was made from the same inputs, else compute and store it atomically."""
+def cached_measurement(
+    path: Path, key: str, compute: Callable[[], Measurement], recorded_only: bool = False
+) -> Measurement:
+    """Read a measurement back if it was made from the same inputs, else compute and store it atomically.
+    `recorded_only` (`--rescore`): never compute; a missing or stale record is an error."""
     if path.exists():
         stored = json.loads(path.read_text())
         if stored.get("fingerprint") == key:
             return Measurement.from_record(stored)
+    if recorded_only:
+        state = "was made from other inputs" if path.exists() else "is missing"
+        raise MixoptError(
+            f"{path}: the recorded measurement {state} (--rescore trains and measures nothing); restore the kept "
+            "evidence with --from DIR, or run without --rescore"
+        )
     result = compute()
     write_json(path, {"fingerprint": key, **result.to_record()})
     return result

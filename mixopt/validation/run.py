@@ -68,22 +68,27 @@ def measure_all(run: ValidationRun) -> None:
         run.out / "metrics" / "base.json",
         digest(run.identity, [i.text for i in run.items], heldout, recipe.evaluation.max_length),
         lambda: measure(load_validation_model(recipe), recipe, run.items, heldout, "base model"),
+        run.recorded_only,
     )
     run.timings["evaluate_base"] = time.perf_counter() - t
     for s in run.sources:
         t = time.perf_counter()
         run.after[s.name] = train_and_measure(
-            recipe, Run(s.name, s.name, s.pool), run.items, s.heldout, run.out, run.identity
+            recipe, Run(s.name, s.name, s.pool), run.items, s.heldout, run.out, run.identity, run.recorded_only
         )
         run.timings[f"finetune_{s.name}"] = time.perf_counter() - t
 
 
-def run_validation(recipe: ValidateRecipe, out: Path, compare: bool = False, sweep: bool = False) -> ValidationResult:
+def run_validation(
+    recipe: ValidateRecipe, out: Path, compare: bool = False, sweep: bool = False, rescore: bool = False
+) -> ValidationResult:
     """The whole closed loop; writes OUT/validation.json and OUT/plots, returns the report.
     `compare`: also fine-tune the mixtures (`validation.compare`); `sweep`: re-score under each open setting
-    of the design (`validation.sweep`)."""
+    of the design (`validation.sweep`); `rescore`: score again, but read every measurement back (an error if
+    one is missing): the same fine-tunes judge a new scorer."""
     started = time.perf_counter()
     run = prepare(recipe, out)
+    run.recorded_only = rescore
     note(
         f"validate: {len(run.sources)} sources x {len(run.domains)} domains; {recipe.split.eval_items} evaluation "
         f"items per domain; {recipe.schedule.steps} steps x {recipe.schedule.batch_size} = {recipe.schedule.budget} "
