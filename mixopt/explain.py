@@ -405,13 +405,3 @@ class Explanation:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def write_explanation(
-    out: Path, scores: Scores, allocation: Allocation, evidence: Evidence, manifest: dict[str, Any]
-) -> None:
-    """`OUT/explain.json`, the extra plots and `OUT/report.html` for a plan written to `out`."""
-    from mixopt.html_report import write_report
-
-    evidence.save(out / "explain.json")
-    write_report(out, Explanation.build(scores, allocation, evidence), manifest)

@@ -17,12 +17,16 @@ import base64
 import html
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from mixopt.explain import DomainExplanation, Explanation, LatentEvidence, Snippet
+from mixopt.explain import DomainExplanation, Evidence, Explanation, LatentEvidence, Snippet
 from mixopt.files import write_text
+
+if TYPE_CHECKING:
+    from mixopt.scores import Scores
+    from mixopt.solver import Allocation
 
 CARD_SNIPPETS = 4  # snippets on a latent card before "per source"
 CSS = """
@@ -249,3 +253,12 @@ def write_report(out: Path, ex: Explanation, manifest: dict[str, Any]) -> None:
     """Write the extra plots (plots/latents.png, plots/stability.png) and `out/report.html`."""
     _extra_plots(out, ex)
     write_text(out / "report.html", render_report(out, ex, manifest))
+
+
+def write_explanation(
+    out: Path, scores: Scores, allocation: Allocation, evidence: Evidence, manifest: dict[str, Any]
+) -> None:
+    """What `plan` writes to explain itself: `out/explain.json` (the evidence `mixopt explain` reads beside
+    scores.json and allocation.json), the extra plots and `out/report.html`."""
+    evidence.save(out / "explain.json")
+    write_report(out, Explanation.build(scores, allocation, evidence), manifest)

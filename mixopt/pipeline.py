@@ -298,9 +298,9 @@ class PlanResult:
 def plan_recipe(recipe: Recipe, out: Path, force: bool = False, dry_run: bool = False) -> PlanResult:
     """`mixopt plan`: score, solve, then write mixture, manifest, exports, plots and README atomically."""
     from mixopt.checks import check_static
-    from mixopt.explain import write_explanation
     from mixopt.exports import write_exports
     from mixopt.files import write_json
+    from mixopt.html_report import write_explanation
     from mixopt.manifest import check_output, manifest_record, staged_output
     from mixopt.mixture import build_mixture, common_schema, mixture_parts, write_mixture
     from mixopt.plots import plot_allocation, plot_scores
