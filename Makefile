@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 MIXOPT := $(VENV)/bin/mixopt
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-slow test-trainers lint check demo bench clean
+.PHONY: install test test-slow test-trainers lint check demo bench chromium clean
 
 install: $(STAMP)
 
@@ -20,11 +20,16 @@ $(STAMP): pyproject.toml constraints.txt
 test: install  ## fast suite (< 10 min on 2 cores); includes `mixopt check recipes/`
 	$(PY) -m pytest
 
-test-slow: install  ## real-model and long tests
+test-slow: install  ## real-model and long tests (the report's browser test needs `make chromium`)
 	$(PY) -m pytest -m slow
 
 test-trainers: install  ## TRL, LLaMA-Factory, axolotl, Megatron from PyPI, one venv each in .trainers/ (not CI)
 	$(PY) -m pytest -m trainers -s tests/trainers
+
+chromium:  ## headless Chromium for the report's browser test: Debian's package, installed only where missing
+	command -v chromium >/dev/null 2>&1 || { \
+	  SUDO=$$(test "$$(id -u)" = 0 || echo sudo); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium; }
 
 lint: install  ## ruff (lint + format) and mypy on mixopt/, as CI runs them
 	$(VENV)/bin/ruff check .

@@ -56,6 +56,8 @@ def cli() -> None:
     \b
     mixopt check recipes/                        validate recipe files
     mixopt plan recipes/quickstart.yaml --budget 2000
+    mixopt explain runs/quickstart               why each domain got its share
+    mixopt diff runs/a runs/b                    what changed between two plans
     mixopt sae train recipes/sae-smollm2-135m-instruct.yaml
     """
 
@@ -173,8 +175,9 @@ def plan(recipe: Path, out: Path | None, force: bool, seed: int | None, dry_run:
     """The whole pipeline: score the domains of RECIPE, solve the allocation, write the mixture.
 
     Writes OUT/mixture (datasets save_to_disk), OUT/parquet, OUT/manifest.json, OUT/scores.json,
-    OUT/allocation.json, OUT/exports (LLaMA-Factory, axolotl, Megatron), OUT/plots and OUT/README.md,
-    all at once (a temp folder renamed into place).
+    OUT/allocation.json, OUT/exports (LLaMA-Factory, axolotl, Megatron), OUT/plots, OUT/README.md,
+    OUT/explain.json and OUT/report.html (one self-contained page), all at once (a temp folder renamed
+    into place).
 
     \b
     e.g. mixopt plan recipes/quickstart.yaml --budget 2000
@@ -195,7 +198,7 @@ def plan(recipe: Path, out: Path | None, force: bool, seed: int | None, dry_run:
         return
     click.echo(f"\nmixture: {result.out / 'mixture'} ({result.rows:,} rows, sha256 {result.content_sha256[:16]})")
     click.echo(f"manifest: {result.out / 'manifest.json'}")
-    click.echo(f"report: {result.out / 'README.md'}")
+    click.echo(f"report: {result.out / 'README.md'}, {result.out / 'report.html'} (why: mixopt explain {result.out})")
 
 
 @cli.command()
@@ -327,6 +330,85 @@ def validate(
     click.echo(result.table())
     click.echo(f"\nreport: {result.out / 'validation.json'}")
     click.echo(f"plots: {result.out / 'plots'}")
+
+
+@cli.command()
+@click.argument("run", type=click.Path(path_type=Path))
+@click.option("--domain", help="Explain this domain: its numbers, the latents that carry it, its top examples.")
+@click.option("--latent", type=int, help="Explain this shifted latent: where it fires, and its top snippets.")
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
+@user_errors
+def explain(run: Path, domain: str | None, latent: int | None, fmt: str) -> None:
+    """Why the plan in RUN (a `mixopt plan` output folder) scored and allocated each domain as it did.
+
+    Per domain: the score and its interval, the allocation and the constraint that binds it, the
+    examples whose own scores are highest (with their text) and the shifted SAE latents that carry the
+    score (for SAE scorers; otherwise the shifted latents most active there). Per shifted latent: its
+    shift, how often it fires, its mean activation on each source and its top snippets, firing token
+    marked. Read from OUT/scores.json, allocation.json and explain.json: no model, no forward pass.
+    JSON numbers are those of scores.json and allocation.json.
+
+    \b
+    e.g. mixopt explain runs/quickstart
+         mixopt explain runs/quickstart --domain law
+         mixopt explain runs/quickstart --latent 3786 --format json
+    """
+    from mixopt.explain import Explanation
+
+    explanation = Explanation.from_run(run)
+    if fmt == "json":
+        from mixopt.files import finite
+
+        selected = explanation.select(domain, latent)  # NaN (no interval) -> null: strict JSON
+        click.echo(json.dumps(finite(selected.to_dict()), indent=1, ensure_ascii=False))
+        return
+    from mixopt.explain_text import print_explanation
+
+    print_explanation(_console(), explanation, domain, latent)
+
+
+@cli.command()
+@click.argument("a", type=click.Path(path_type=Path))
+@click.argument("b", type=click.Path(path_type=Path))
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "markdown", "github"]),
+    default="table",
+    show_default=True,
+    help="markdown: for a pull-request comment; github: GitHub Actions annotations (::notice ...).",
+)
+@user_errors
+def diff(a: Path, b: Path, fmt: str) -> None:
+    """What changed between two plans A and B (output folders of `mixopt plan`, or their manifest.json):
+    recipe fields, scorer, model and SAE, each domain's score, rank and rows, the mixture's content hash.
+
+    Exit 0 when identical, 1 when different (like `diff`), 2 on bad input.
+
+    \b
+    e.g. mixopt diff runs/main runs/pr
+         mixopt diff runs/main/manifest.json runs/pr/manifest.json --format markdown > comment.md
+    """
+    from mixopt.diff import diff_runs, load_run
+
+    result = diff_runs(load_run(a), load_run(b))
+    if fmt == "markdown":
+        click.echo(result.markdown())
+    elif fmt == "github":
+        click.echo(result.github())
+    else:
+        console = _console()
+        console.print(result.summary(), markup=False, highlight=False)
+        for table in result.rich_tables():
+            console.print(table)
+    sys.exit(0 if result.identical else 1)
+
+
+def _console() -> Any:
+    """A rich console on stdout: the terminal's width, or 120 columns when piped (rich's 80 cuts tables)."""
+    from rich.console import Console
+
+    return Console(width=None if sys.stdout.isatty() else 120)
 
 
 @cli.command()

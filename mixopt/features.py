@@ -1,9 +1,10 @@
 """Features: the streaming engine. Token batches -> residual at layer L -> SAE latents -> reductions.
 
 Nothing of size tokens x d_sae outlives a batch: per source we keep float64 per-latent sums (and the
-same for raw residual dimensions) plus per-example sums, O(examples x width). Results are cached on
-disk keyed by the exact token ids scored, the model, the SAE and the layer, so a second run, or a run
-killed half-way, recomputes nothing it already finished.
+same for raw residual dimensions) plus per-example sums, O(examples x width), and each latent's top
+activating examples (`TopContexts`, O(d_sae x N)), so `mixopt explain` shows snippets with no new pass.
+Results are cached on disk keyed by the exact token ids scored, the model, the SAE and the layer, so a
+second run, or a run killed half-way, recomputes nothing it already finished.
 
 ICL alignment (DESIGN.md section 3): the demonstration prefix (with the conversation's head: the template's
 system block) and the query's own turn are tokenized separately and their ids concatenated, so the turn's
@@ -26,7 +27,10 @@ from mixopt.encoding import Encoded
 from mixopt.files import Digest, atomic_write
 from mixopt.model import LoadedModel, prefix_cache, residual_stream
 
-CACHE_VERSION = 2  # 2: the ICL query no longer repeats the conversation head after the demonstrations
+# 2: the ICL query no longer repeats the conversation head after the demonstrations
+# 3: SourceStats.top (each latent's top activating examples)
+CACHE_VERSION = 3
+TOP_CONTEXTS = 8  # N: examples kept per latent and source (`TopContexts`)
 
 
 @dataclass
@@ -63,12 +67,56 @@ class Reduction:
 
 
 @dataclass
+class TopContexts:
+    """Each latent's N examples where it fires most, with its peak activation in each and where that
+    peak is: a bounded heap per latent, kept for all latents at once by merging each batch's peaks with
+    the stored N (torch.topk). One context per example, as SAE dashboards show them: a latent that fires
+    on a long example would otherwise fill all N slots with one example's neighbouring tokens.
+
+    Only positive activations count: a slot nothing filled has activation 0 and example = position = -1.
+    All latents are kept, not only the shifted ones, so the cached pass serves any top_k and target."""
+
+    values: torch.Tensor  # (W, N) float32: peak activations, largest first
+    example: torch.Tensor  # (W, N) int32: index of the example (in the pass's example list)
+    position: torch.Tensor  # (W, N) int32: the peak token's position in that example's ids
+
+    @classmethod
+    def empty(cls, width: int, n: int = TOP_CONTEXTS) -> TopContexts:
+        return cls(
+            torch.zeros(width, n),
+            torch.full((width, n), -1, dtype=torch.int32),
+            torch.full((width, n), -1, dtype=torch.int32),
+        )
+
+    @torch.no_grad()
+    def update(self, values: torch.Tensor, mask: torch.Tensor, example: torch.Tensor) -> None:
+        """values: (tokens, W) of a batch's counted tokens, row-major; mask: (batch, longest) bool, the
+        counted tokens; example: (batch,) each row's index in the pass's example list."""
+        n = self.values.shape[1]
+        dense = values.new_zeros((*mask.shape, values.shape[1]))  # (batch, longest, W); padding: 0
+        dense[mask.to(values.device)] = values
+        peak, at = dense.max(dim=1)  # (batch, W) each row's peak and its first position
+        merged = torch.cat([self.values, peak.float().cpu().t()], dim=1)  # (W, N + batch)
+        self.values, pick = merged.topk(n, dim=1)  # (W, N)
+        from_batch = pick >= n
+        row = (pick - n).clamp(min=0)  # (W, N) batch row of each pick taken from the batch
+        batch_example = example.to(torch.int32)[row]
+        batch_position = at.cpu().t().to(torch.int32).gather(1, row)
+        stored = pick.clamp(max=n - 1)
+        self.example = torch.where(from_batch, batch_example, self.example.gather(1, stored))
+        self.position = torch.where(from_batch, batch_position, self.position.gather(1, stored))
+        empty = self.values <= 0  # a latent that did not fire in an example has no context there
+        self.example[empty], self.position[empty] = -1, -1
+
+
+@dataclass
 class SourceStats:
     """A source's SAE-latent and raw-residual reductions over its counted tokens."""
 
     example_tokens: torch.Tensor  # (examples,) int64: counted tokens per example
     latents: Reduction  # width d_sae
     resid: Reduction  # width d_model
+    top: TopContexts | None = None  # each latent's top activating examples (zero-shot passes only)
 
     @property
     def n_tokens(self) -> int:
@@ -79,6 +127,8 @@ class SourceStats:
         for part in ("latents", "resid"):
             for f in fields(Reduction):
                 out[f"{prefix}{part}.{f.name}"] = getattr(getattr(self, part), f.name)
+        if self.top is not None:
+            out |= {f"{prefix}top.{f.name}": getattr(self.top, f.name) for f in fields(TopContexts)}
         return out
 
     @classmethod
@@ -87,7 +137,12 @@ class SourceStats:
             part: Reduction(**{f.name: tensors[f"{prefix}{part}.{f.name}"] for f in fields(Reduction)})
             for part in ("latents", "resid")
         }
-        return cls(tensors[f"{prefix}example_tokens"], **parts)
+        top = (
+            TopContexts(**{f.name: tensors[f"{prefix}top.{f.name}"] for f in fields(TopContexts)})
+            if f"{prefix}top.values" in tensors
+            else None
+        )
+        return cls(tensors[f"{prefix}example_tokens"], **parts, top=top)
 
 
 @dataclass
@@ -135,6 +190,7 @@ def run_pass(
         torch.tensor([e.n_counted for e in examples], dtype=torch.int64),
         Reduction.empty(n, d_sae),
         Reduction.empty(n, d_model),
+        top := TopContexts.empty(d_sae),
     )
     shift = (
         SourceStats(stats.example_tokens.clone(), Reduction.empty(n, d_sae), Reduction.empty(n, d_model))
@@ -150,6 +206,7 @@ def run_pass(
             h0, f0 = _encode_counted(lm, sae, layer, [r.ids for r in rows], mask)
             stats.latents.update(f0, example)
             stats.resid.update(h0, example)
+            top.update(f0, mask, torch.tensor(batch))
             if shift is not None:  # the same turn ids after the demonstrations: counted tokens align one to one
                 turns = [r.turn for r in rows]  # one conversation: the head (system block) only before the demos
                 h1, f1 = _encode_counted(lm, sae, layer, [t.ids for t in turns], _counted_mask(turns), cache)

@@ -18,6 +18,7 @@ import torch
 from mixopt import sts
 from mixopt.encoding import Encoded, encode_chat, encode_demonstrations, encode_text
 from mixopt.errors import SourceError
+from mixopt.explain import Evidence, ScoredSource, collect_evidence
 from mixopt.features import PassResult, SourceStats, cached_pass, pass_key, run_pass
 from mixopt.model import LoadedModel, load_model
 from mixopt.recipe import Recipe, STSSpec
@@ -133,7 +134,8 @@ def score_recipe(recipe: Recipe, timings: Timings | None = None) -> tuple[Scores
         ScoringSource(d.name, rendered_rows(d, recipe, f"domains.{i}"), sts.name_seed(recipe.seed, d.name), d.icl_demos)
         for i, d in enumerate(recipe.domains)
     ]
-    scores = score_datasets(model, target, domains, recipe.sts, recipe.seed, timings)
+    evidence: list[Evidence] = []
+    scores = score_datasets(model, target, domains, recipe.sts, recipe.seed, timings, evidence)
     scores.recipe_sha256 = recipe.sha256()
     context = {
         "model_identity": model.lm.identity,
@@ -142,6 +144,7 @@ def score_recipe(recipe: Recipe, timings: Timings | None = None) -> tuple[Scores
         "dtype": str(model.lm.dtype).removeprefix("torch."),
         "timings": timings,
         "tokenizer": model.lm.tokenizer,  # the exports count each file's Megatron tokens with it
+        "evidence": evidence[0],  # for `mixopt explain` and report.html
     }
     return scores, context
 
@@ -153,10 +156,13 @@ def score_datasets(
     spec: STSSpec,
     seed: int,
     timings: Timings | None = None,
+    evidence: list[Evidence] | None = None,
 ) -> Scores:
     """Every domain's scores against the target: the shift pass on the target (with its demonstrations),
     one pass per domain (two for `icl`), then every scorer of the registry from the cached reductions.
-    `seed` seeds each domain's bootstrap (per name). `Scores.recipe_sha256` is left empty for the caller."""
+    `seed` seeds each domain's bootstrap (per name). `Scores.recipe_sha256` is left empty for the caller.
+    `evidence`: when a list is given, the explanation data (`explain.Evidence`: decoded snippets of the
+    shifted latents, each domain's latent terms and top examples) is appended to it."""
     timings = timings or Timings()
     lm, sae, layer, k, variant, counted = model.lm, model.sae, model.layer, spec.top_k, spec.score, spec.tokens
     identity = {"model": lm.identity, "sae": model.sae_identity, "layer": layer, "dtype": str(lm.dtype)}
@@ -193,6 +199,7 @@ def score_datasets(
             icl_sample = sample_source(
                 domain.rows, lm, domain.seed, domain.icl_demos, spec.domain_tokens, spec.max_length, counted
             )
+            icl_samples[domain.name] = icl_sample
             icl_prefix = encode_demonstrations(lm.tokenizer, icl_sample.demos)
             icl_samples[domain.name] = icl_sample
             icl_passes[domain.name] = stream(f"domain {domain.name} (icl)", icl_sample, icl_prefix)
@@ -231,7 +238,7 @@ def score_datasets(
             variants=variants,
         )
 
-    return Scores(
+    scores = Scores(
         recipe_sha256="",
         model=model.model_name,
         sae=model.sae_name,
@@ -242,6 +249,14 @@ def score_datasets(
         target=record(target.name, target_sample, target_pass, None),
         domains=[record(d.name, samples[d.name], passes[d.name], icl_passes.get(d.name)) for d in domains],
     )
+    if evidence is not None:  # for `mixopt explain` and report.html, while the passes are in memory
+        scored = [ScoredSource(target.name, target_sample.examples, target_pass, scores.target)]
+        for d, score in zip(domains, scores.domains, strict=True):
+            icl_sample = icl_samples.get(d.name)
+            icl = (icl_passes.get(d.name), icl_sample.examples) if icl_sample else (None, None)
+            scored.append(ScoredSource(d.name, samples[d.name].examples, passes[d.name], score, *icl))
+        evidence.append(collect_evidence(lm.tokenizer, scores, counted, scored))
+    return scores
 
 
 def scorer_examples(
@@ -290,6 +305,7 @@ def plan_recipe(recipe: Recipe, out: Path, force: bool = False, dry_run: bool = 
     from mixopt.checks import check_static
     from mixopt.exports import write_exports
     from mixopt.files import write_json
+    from mixopt.html_report import write_explanation
     from mixopt.manifest import check_output, manifest_record, staged_output
     from mixopt.mixture import build_mixture, common_schema, mixture_parts, write_mixture
     from mixopt.plots import plot_allocation, plot_scores
@@ -339,6 +355,7 @@ def plan_recipe(recipe: Recipe, out: Path, force: bool = False, dry_run: bool = 
         written = {"rows": len(mixture), "content_sha256": digest, "schema": schema, "files": files}
         written["skipped_rows"] = checked.skipped  # on_bad_row: skip, rows left out per target/domain
         replay = {part.name: part.record() for part in parts[1:]}  # parts[0] is the target
-        record = manifest_record(recipe, scores, allocation, context, written, timings.seconds, replay)
-        write_json(staged / "manifest.json", record)
+        manifest = manifest_record(recipe, scores, allocation, context, written, timings.seconds, replay)
+        write_json(staged / "manifest.json", manifest)
+        write_explanation(staged, scores, allocation, context["evidence"], manifest)  # explain.json, report.html
     return PlanResult(scores, allocation, out, len(mixture), digest, timings.seconds)

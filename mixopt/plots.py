@@ -123,3 +123,60 @@ def _percent(share: float) -> str:
     if math.isnan(share):
         return "n/a"
     return f"{share:.1%}" if share >= 0.001 or share == 0 else "<0.1%"
+
+
+HEATMAP_MAX_LATENTS = 40  # columns beyond this get too narrow to label
+
+
+def plot_latent_heatmap(sources: Sequence[str], latents: Sequence[int], mean: np.ndarray, path: Path) -> None:
+    """Sources x shifted latents: each latent's mean activation on each source, divided by its largest
+    over the sources, so every column reads "where does this latent fire most" on one 0..1 scale.
+
+    `mean`: (sources, latents), latents in the order given (largest shift first); at most
+    HEATMAP_MAX_LATENTS are drawn."""
+    _check(sources, mean=mean)
+    cols = min(len(latents), HEATMAP_MAX_LATENTS)
+    values = np.asarray(mean, dtype=float)[:, :cols]  # (sources, cols)
+    peak = values.max(axis=0, keepdims=True)
+    relative = np.divide(values, peak, out=np.zeros_like(values), where=peak > 0)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.22 * cols + 2.5), max(2.5, 0.36 * len(sources) + 1.6)))
+    image = ax.imshow(relative, aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_yticks(np.arange(len(sources)), list(sources))
+    ax.set_xticks(np.arange(cols), [str(j) for j in latents[:cols]], rotation=90, fontsize=7)
+    ax.set_xlabel("shifted latent (largest shift first)")
+    suffix = f" (first {cols} of {len(latents)})" if len(latents) > cols else ""
+    ax.set_title("Where each shifted latent fires" + suffix, loc="left")
+    fig.colorbar(image, ax=ax, fraction=0.03, pad=0.01, label="mean activation / its largest")
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def plot_share_intervals(
+    names: Sequence[str],
+    shares: Sequence[float],
+    intervals: Sequence[Sequence[float] | None],
+    sensitivity: dict[str, dict[str, float]],
+    path: Path,
+) -> None:
+    """Each domain's replay share (dot) with its bootstrap 95% interval (bar; from re-solving on resampled
+    scores) and its share when the objective's parameters are halved or doubled (open markers)."""
+    _check(names, shares=shares, intervals=intervals)
+    y = np.arange(len(names))[::-1]  # first name at the top
+    fig, ax = plt.subplots(figsize=(8, figure_height(len(names))))
+    for row, interval in zip(y, intervals, strict=True):
+        if interval is not None:
+            ax.plot([interval[0] * 100, interval[1] * 100], [row, row], color=STS_COLOR, linewidth=3, alpha=0.45)
+    ax.scatter(np.asarray(shares) * 100, y, color=STS_COLOR, zorder=3, label="replay share")
+    for (label, by_name), marker in zip(sorted(sensitivity.items()), "o^sDv<>", strict=False):
+        ax.scatter(
+            [by_name.get(n, np.nan) * 100 for n in names], y, marker=marker, facecolors="none",
+            edgecolors=RAW_COLOR, zorder=2, label=label,
+        )  # fmt: skip
+    ax.set_yticks(y, list(names))
+    ax.set_xlabel("share of the replay part (%)")
+    ax.set_title("Stability: bootstrap 95% intervals and parameter sensitivity", loc="left")
+    ax.grid(axis="x", alpha=0.3)
+    ax.set_axisbelow(True)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    save_figure(fig, path)

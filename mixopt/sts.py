@@ -33,6 +33,14 @@ def domain_score(reduction: Reduction, n_tokens: int, latents: torch.Tensor, var
     return float(reduction.total[latents].sum() / n_tokens)  # act, and icl on the shift reduction
 
 
+def latent_terms(reduction: Reduction, n_tokens: int, latents: torch.Tensor, variant: str) -> torch.Tensor:
+    """(k,) each latent's term in `domain_score`, in the order of `latents`: they sum to the score (act,
+    icl: mean over tokens of f_j; act_sq: mean over tokens of f_j^2, divided by k). What `explain` shows."""
+    if variant == "act_sq":
+        return reduction.total_sq[latents] / n_tokens / len(latents)
+    return reduction.total[latents] / n_tokens
+
+
 def example_scores(
     reduction: Reduction, example_tokens: torch.Tensor, latents: torch.Tensor, variant: str
 ) -> np.ndarray:

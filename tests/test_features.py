@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from mixopt.batching import length_batches
 from mixopt.cli import cli
 from mixopt.encoding import encode_chat, encode_demonstrations, encode_text
-from mixopt.features import run_pass
+from mixopt.features import TopContexts, run_pass
 from mixopt.model import LoadedModel, residual_stream
 from mixopt.sts import (
     centered_similarity,
@@ -87,6 +87,61 @@ def test_streaming_reductions__equal_brute_force_over_stored_features(lm: Loaded
     torch.testing.assert_close(result.latents.active, (f > 0).sum(0).double())
     torch.testing.assert_close(result.resid.total, h.sum(0), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(result.latents.per_example[2].double(), feats[2].double().sum(0), rtol=1e-4, atol=1e-4)
+
+
+def _peaks_by_sorting(acts: list[torch.Tensor], positions: list[torch.Tensor], n: int) -> list[list[tuple]]:
+    """Brute force: per latent, every example's peak activation and where it is, sorted, the first n.
+    acts[i]: (counted tokens, W) of example i; positions[i]: (counted tokens,) their positions in its ids."""
+    out = []
+    for j in range(acts[0].shape[1]):
+        pairs = enumerate(zip(acts, positions, strict=True))
+        peaks = [(float(a[:, j].max()), i, int(p[a[:, j].argmax()])) for i, (a, p) in pairs]
+        out.append(sorted([x for x in peaks if x[0] > 0], key=lambda x: -x[0])[:n])
+    return out
+
+
+def _top_as_lists(top: TopContexts) -> list[list[tuple]]:
+    return [
+        [(v, e, p) for v, e, p in zip(vs, es, ps, strict=True) if e >= 0]
+        for vs, es, ps in zip(top.values.tolist(), top.example.tolist(), top.position.tolist(), strict=True)
+    ]
+
+
+def test_top_contexts__merged_batches_equal_one_sort_of_every_examples_peak() -> None:
+    lengths = [7, 3, 9, 1, 5, 8, 2, 6, 4, 7, 5, 3]  # 12 examples
+    acts = [torch.relu(torch.randn(n, 10) - 1.0) for n in lengths]  # (tokens, latents), many zeros
+    for a in acts:
+        a[:, 4] = 0  # latent 4 never fires
+    top = TopContexts.empty(10, n=5)
+    for batch in ([0, 1, 2, 3], [4], [5, 6, 7, 8, 9, 10], [11]):  # batches smaller and larger than n
+        mask = torch.zeros(len(batch), max(lengths[i] for i in batch), dtype=torch.bool)
+        for b, i in enumerate(batch):
+            mask[b, : lengths[i]] = True
+        top.update(torch.cat([acts[i] for i in batch]), mask, torch.tensor(batch))
+    positions = [torch.arange(n) for n in lengths]
+    assert _top_as_lists(top) == _peaks_by_sorting(acts, positions, 5)  # random floats: no ties
+    assert _top_as_lists(top)[4] == []  # nothing fired: no context, not five zeros
+
+
+def test_top_contexts__of_a_pass_equal_a_sort_of_every_stored_activation(lm: LoadedModel, sae) -> None:
+    examples = _examples(lm)
+    stats = run_pass(lm, sae, LAYER, examples, [], batch_tokens=64, desc="t").stats  # several batches
+    acts, positions = [], []
+    for e in examples:  # brute force: one example at a time, every token's features stored
+        ids, counted = torch.tensor([e.ids]), torch.tensor(e.counted)
+        acts.append(sae.encode(residual_stream(lm.model, ids, torch.ones_like(ids), LAYER)[0][counted]).detach())
+        positions.append(counted.nonzero()[:, 0])
+    n = stats.top.values.shape[1]
+    expected, got = _peaks_by_sorting(acts, positions, n), _top_as_lists(stats.top)
+    assert sum(len(x) for x in expected) > 0 and [len(x) for x in got] == [len(x) for x in expected]
+    for j, (g, e) in enumerate(zip(got, expected, strict=True)):
+        # The same values; examples whose peaks tie (a shared prefix gives identical activations) may swap.
+        torch.testing.assert_close(torch.tensor([x[0] for x in g]), torch.tensor([x[0] for x in e]))
+        assert len({x[1] for x in g}) == len(g)  # one context per example
+        for value, example, position in g:  # each is that example's peak, found where it says
+            where = (positions[example] == position).nonzero()[0, 0]
+            assert float(acts[example][where, j]) == pytest.approx(value, rel=1e-4, abs=1e-5)
+            assert float(acts[example][:, j].max()) == pytest.approx(value, rel=1e-4, abs=1e-5)
 
 
 def test_batch_size_1_and_8__give_the_same_statistics(lm: LoadedModel, sae) -> None:
