@@ -41,7 +41,7 @@ def domain_table(ex: Explanation) -> Table:
         ("rank", "right"), ("domain", "left"), ("score", "right"), ("95% interval", "left"), ("rows", "right"),
         ("share", "right"), ("replay share (95%)", "left"), ("binding", "left"), ("top latents", "left"),
     ]:  # fmt: skip
-        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+        table.add_column(name, justify=justify)
     for d in ex.domains:
         table.add_row(
             str(d.rank), Text(d.name), f"{d.score:.4g}", _interval(d.interval), f"{d.count:,}", f"{d.share:.1%}",
@@ -92,7 +92,7 @@ def domain_detail(ex: Explanation, d: DomainExplanation) -> Group:
 def latent_detail(ex: Explanation, latent: LatentEvidence) -> Group:
     table = Table(title=f"latent {latent.index}: shift {latent.shift:.3g}")
     for name, justify in [("source", "left"), ("mean activation", "right"), ("fires on", "right")]:
-        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+        table.add_column(name, justify=justify)
     for name, value in latent.mean_activation.items():
         table.add_row(Text(name), f"{value:.3g}", f"{latent.frequency.get(name, 0):.1%}")
     parts: list[Text | Table] = [table]

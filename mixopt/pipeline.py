@@ -199,7 +199,6 @@ def score_datasets(
             icl_sample = sample_source(
                 domain.rows, lm, domain.seed, domain.icl_demos, spec.domain_tokens, spec.max_length, counted
             )
-            icl_samples[domain.name] = icl_sample
             icl_prefix = encode_demonstrations(lm.tokenizer, icl_sample.demos)
             icl_samples[domain.name] = icl_sample
             icl_passes[domain.name] = stream(f"domain {domain.name} (icl)", icl_sample, icl_prefix)
@@ -252,8 +251,8 @@ def score_datasets(
     if evidence is not None:  # for `mixopt explain` and report.html, while the passes are in memory
         scored = [ScoredSource(target.name, target_sample.examples, target_pass, scores.target)]
         for d, score in zip(domains, scores.domains, strict=True):
-            icl_sample = icl_samples.get(d.name)
-            icl = (icl_passes.get(d.name), icl_sample.examples) if icl_sample else (None, None)
+            icl_examples = icl_samples[d.name].examples if d.name in icl_samples else None
+            icl = (icl_passes.get(d.name), icl_examples) if icl_examples is not None else (None, None)
             scored.append(ScoredSource(d.name, samples[d.name].examples, passes[d.name], score, *icl))
         evidence.append(collect_evidence(lm.tokenizer, scores, counted, scored))
     return scores

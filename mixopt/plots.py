@@ -15,7 +15,7 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Sequence, Sized
 from pathlib import Path
 
 import matplotlib
@@ -48,7 +48,7 @@ def save_figure(fig: plt.Figure, path: Path) -> None:
     plt.close(fig)
 
 
-def _check(names: Sequence[str], **columns: Sequence[float]) -> None:
+def _check(names: Sequence[str], **columns: Sized) -> None:
     for label, values in columns.items():
         if len(values) != len(names):
             raise ValueError(f"{label} has {len(values)} values for {len(names)} names")
