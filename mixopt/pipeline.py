@@ -148,6 +148,13 @@ def score_recipe(recipe: Recipe, timings: Timings | None = None) -> tuple[Scores
             icl_prefix = encode_demonstrations(lm.tokenizer, icl_sample.demos)
             icl_passes[domain.name] = stream(f"domain {domain.name} (icl)", icl_sample, icl_prefix)
 
+    forecasts = Forecasts()
+    if variant in FORECASTS:
+        every = {target.name: target_sample} | samples
+        stats = {target.name: target_pass.stats} | {name: p.stats for name, p in passes.items()}
+        run = lambda: forecast_scores(recipe, lm, sae, identity, target_rows, every, stats)  # noqa: E731
+        forecasts = timings.timed(variant, run)
+
     grand = torch.stack([sts.mean_residual(p.stats) for p in [target_pass, *passes.values()]]).mean(0)
     target_mean = sts.mean_residual(target_pass.stats)
 
@@ -160,8 +167,13 @@ def score_recipe(recipe: Recipe, timings: Timings | None = None) -> tuple[Scores
             variants["raw_icl"] = sts.domain_score(icl.shift.resid, icl.shift.n_tokens, raw_dims, "icl")
         variants["similarity"] = sts.centered_similarity(sts.mean_residual(stats), target_mean, grand)
         variants["random"] = sts.random_control(stats, k)
+        variants |= {key: result.sources[name].value for key, result in forecasts.results.items()}
         scored = variant if variant != "icl" or "icl" in variants else "act"  # the target has no ICL pass of its own
-        per_example, tokens = scorer_examples(scored, stats, icl, latents, raw_dims, target_mean, grand)
+        if variant in forecasts.results:
+            forecast = forecasts.results[variant].sources[name]
+            per_example, tokens = np.array(forecast.example_values), np.array(forecast.example_tokens)
+        else:
+            per_example, tokens = scorer_examples(scored, stats, icl, latents, raw_dims, target_mean, grand)
         stderr, interval = sts.bootstrap(per_example, tokens, recipe.sts.bootstrap, sts.name_seed(recipe.seed, name))
         mean_all, mean_response = mean_tokens(sample.examples)
         return DomainScore(
@@ -182,6 +194,9 @@ def score_recipe(recipe: Recipe, timings: Timings | None = None) -> tuple[Scores
         )
 
     domains = [record(d.name, samples[d.name], passes[d.name], icl_passes.get(d.name)) for d in recipe.domains]
+    if forecasts.shifted is not None:  # probe_act: the shift the scorer used is the measured one
+        latents, shift_values = forecasts.shifted
+    chosen = forecasts.results.get(variant)
     scores = Scores(
         recipe_sha256=recipe.sha256(),
         model=recipe.model.path,
@@ -192,6 +207,8 @@ def score_recipe(recipe: Recipe, timings: Timings | None = None) -> tuple[Scores
         shifted_latents=[{"index": int(i), "shift": float(v)} for i, v in zip(latents, shift_values, strict=True)],
         target=record(target.name, target_sample, target_pass, None),
         domains=domains,
+        transfer=chosen.transfer if chosen else None,
+        cost=chosen.cost if chosen else None,
     )
     context = {
         "model_identity": lm.identity,
@@ -204,7 +221,49 @@ def score_recipe(recipe: Recipe, timings: Timings | None = None) -> tuple[Scores
 
 
 SCORER_KEYS = {"raw": "raw_act"}  # scorer name (recipe `sts.score`) -> key in DomainScore.variants
-BASELINE_KEYS = {"act": "raw_act", "act_sq": "raw_act_sq", "icl": "raw_icl"}  # the same steps on raw dims
+BASELINE_KEYS = {"act": "raw_act", "act_sq": "raw_act_sq", "icl": "raw_icl", "probe_act": "raw_probe_act"}
+FORECASTS = ("probe", "grad", "probe_act")  # scorers with a module of their own (gradients.py, probe.py)
+
+
+@dataclass
+class Forecasts:
+    """The recipe's forecasting scorer's results (scores.ForecastResult) by variant name."""
+
+    results: dict[str, Any] = field(default_factory=dict)  # probe_act also gives its raw baseline, raw_probe_act
+    shifted: tuple[torch.Tensor, torch.Tensor] | None = None  # probe_act: (latents, shift) of the measured shift
+
+
+def forecast_scores(
+    recipe: Recipe,
+    lm: LoadedModel,
+    sae: Any,
+    identity: dict[str, Any],
+    target_rows: datasets.Dataset,
+    samples: dict[str, Sample],
+    stats: dict[str, SourceStats],
+) -> Forecasts:
+    """The recipe's forecasting scorer (`sts.score` in FORECASTS) on the target and every domain. `samples`
+    and `stats`: each source's scoring sample and feature statistics, by name; the target's rows (all of
+    them) are what the pilot fine-tune trains on and its sample what `grad`'s update is estimated from."""
+    spec, target = recipe.sts, recipe.target.name
+    examples = {name: sample.examples for name, sample in samples.items()}
+    if spec.score == "grad":
+        from mixopt.gradients import grad_forecast
+
+        return Forecasts({"grad": grad_forecast(lm, target, examples, spec.grad, spec.batch_tokens, recipe.seed)})
+    from mixopt import probe
+
+    # probe and probe_act read one pilot fine-tune: both are measured (and cached) whenever either is chosen,
+    # so the pilot trains at most once and each is reported beside the other
+    encoded = (encode_row(lm, row, spec.probe.max_length) for row in target_rows)
+    pilot = probe.Pilot(lm, [e for e in encoded if any(e.response[1:])], spec.probe, recipe.seed)
+    started = time.perf_counter()
+    losses = probe.probe_forecast(lm, pilot, examples, spec.batch_tokens)
+    shift = probe.measured_shift(lm, pilot, sae, identity, examples[target], spec.batch_tokens)
+    measured, raw = (probe.probe_act_forecast(shift, stats, spec.top_k, raw=r) for r in (False, True))
+    losses.cost = measured.cost = probe.pilot_cost(pilot, time.perf_counter() - started)
+    shifted = sts.shifted_latents(shift.latents, spec.top_k) if spec.score == "probe_act" else None
+    return Forecasts({"probe": losses, "probe_act": measured, "raw_probe_act": raw}, shifted)
 
 
 def scorer_examples(

@@ -40,6 +40,50 @@ class DomainScore:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
+SIGNED_SCORERS = ("probe", "grad")  # forecasts of a signed loss change (positive = worse); the rest are magnitudes
+
+
+@dataclass
+class Forecast:
+    """What a forecasting scorer says about one source: its value, and each scored example's own value,
+    whose mean weighted by `example_tokens` is `value` (the intervals and the solver's bootstrap resample them)."""
+
+    value: float
+    example_values: list[float]
+    example_tokens: list[int]
+
+
+@dataclass
+class Transfer:
+    """Domain x domain matrix of normalised inner products (cosines) of the domains' loss gradients: how
+    much a step on domain i's data moves domain j's loss (the `protect` objective's T). Rows and columns
+    follow `domains`."""
+
+    domains: list[str]
+    matrix: list[list[float]]
+
+
+@dataclass
+class ScorerCost:
+    """What a forecast cost, to weigh it against the fine-tune it forecasts (same machine)."""
+
+    seconds: float = 0.0  # wall time of this run's scorer work (near 0 when it came from the cache)
+    train_steps: int = 0  # optimizer steps of the pilot fine-tune (probe, probe_act)
+    train_tokens: int = 0  # loss-bearing tokens the pilot trained on
+    train_seconds: float = 0.0  # the pilot's training wall time (kept with its cached results)
+    backward_tokens: int = 0  # tokens through a forward and backward pass (grad)
+
+
+@dataclass
+class ForecastResult:
+    """A forecasting scorer's output: a Forecast per source (the domains and the target) and, where the
+    scorer has one, the domains' transfer matrix."""
+
+    sources: dict[str, Forecast]
+    cost: ScorerCost
+    transfer: Transfer | None = None
+
+
 @dataclass
 class Scores:
     recipe_sha256: str
@@ -47,10 +91,16 @@ class Scores:
     sae: str
     layer: int
     top_k: int
-    score: str  # the STS variant in `DomainScore.sts`
-    shifted_latents: list[dict[str, float]]  # [{index, shift}], largest shift first
+    score: str  # the scorer in `DomainScore.sts` (signed for SIGNED_SCORERS)
+    shifted_latents: list[dict[str, float]]  # [{index, shift}], largest shift first (probe_act: the measured shift)
     target: DomainScore  # the fine-tuning data itself (sts = its own score)
     domains: list[DomainScore]
+    transfer: Transfer | None = None  # gradient cosines between domains (`grad`)
+    cost: ScorerCost | None = None  # what the forecast cost (probe, grad, probe_act)
+
+    @property
+    def signed(self) -> bool:
+        return self.score in SIGNED_SCORERS
 
     def ranked(self) -> list[DomainScore]:
         """Domains by STS, most exposed first."""
@@ -65,6 +115,10 @@ class Scores:
         data = {k: v for k, v in data.items() if k in known}
         data["target"] = DomainScore.from_dict(data["target"])
         data["domains"] = [DomainScore.from_dict(d) for d in data["domains"]]
+        if data.get("transfer") is not None:
+            data["transfer"] = Transfer(**data["transfer"])
+        if data.get("cost") is not None:
+            data["cost"] = ScorerCost(**data["cost"])
         return cls(**data)
 
     def save(self, path: str | Path) -> None:
@@ -88,6 +142,16 @@ class Scores:
             lines.append(
                 f"{name:<24} {d.sts:>{width}.4g} [{lo:>9.4g},{hi:>9.4g}] {d.baseline:>10.4g} "
                 f"{d.similarity:>10.3f} {d.tokens:>8} {d.examples:>8} {d.available:>9}"
+            )
+        if self.signed:
+            lines.append(f"\n{self.score}: forecast change of each domain's response-token loss (positive = worse)")
+        if self.cost is not None:
+            c = self.cost
+            pilot = f"; pilot fine-tune {c.train_steps} steps, {c.train_tokens:,} tokens, {c.train_seconds:.1f} s"
+            lines.append(
+                f"cost of {self.score}: {c.seconds:.1f} s this run"
+                + (pilot if c.train_steps else "")
+                + (f"; {c.backward_tokens:,} tokens through backward" if c.backward_tokens else "")
             )
         return "\n".join(lines)
 
