@@ -188,7 +188,7 @@ def score_recipe(recipe: Recipe, timings: Timings | None = None) -> tuple[Scores
             mean_response_tokens=mean_response,
             stderr=stderr,
             interval=interval,
-            example_scores=[round(float(s), 6) for s in per_example],
+            example_scores=[float(f"{s:.7g}") for s in per_example],  # significant digits: forecasts are ~1e-6
             example_tokens=[int(t) for t in tokens],
             variants=variants,
         )

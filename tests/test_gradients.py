@@ -8,7 +8,7 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
-from mixopt.encoding import Encoded, encode_chat
+from mixopt.encoding import Encoded
 from mixopt.finetune import step_batches
 from mixopt.gradients import (
     Sketcher,
@@ -20,15 +20,9 @@ from mixopt.gradients import (
 )
 from mixopt.model import LoadedModel
 from mixopt.recipe import GradSpec
-from tests.tiny import tiny_llama, tiny_tokenizer
+from tests.tiny import chat_sources, tiny_llama, tiny_tokenizer
 
 SEED = 3
-TOPICS = {
-    "math": ("What is {i} plus {j}?", "{i} + {j} = {k}. #### {k}"),
-    "law": ("Is clause {i} of the contract void?", "The court held clause {i} void because it lacked consideration."),
-    "chem": ("Which compound boils at {i}0 degrees?", "Compound {j} boils at {i}0 degrees and dissolves in water."),
-    "code": ("What does def f{i}(x) return?", "def f{i}(x): return x * {j}  # multiply by {j}"),
-}
 
 
 @pytest.fixture(scope="module")
@@ -40,13 +34,7 @@ def lm() -> LoadedModel:
 
 
 def sources(lm: LoadedModel, n: int = 8) -> dict[str, list[Encoded]]:
-    return {
-        name: [
-            encode_chat(lm.tokenizer, p.format(i=i, j=2 * i + 1, k=3 * i + 1), r.format(i=i, j=2 * i + 1, k=3 * i + 1), 96)
-            for i in range(n)
-        ]
-        for name, (p, r) in TOPICS.items()
-    }
+    return chat_sources(lm.tokenizer, n)
 
 
 # ------------------------------------------------------------------ independent computations (no batching)
@@ -103,7 +91,7 @@ def test_grad__forecast_equals_the_finite_difference_of_one_sgd_step(lm: LoadedM
     assert np.sign(forecast).tolist() == np.sign(measured).tolist()
     assert spearmanr(forecast, measured).statistic == pytest.approx(1.0)
     np.testing.assert_allclose(forecast, measured, rtol=0.02)  # what is left is the second-order term
-    for name, f in result.sources.items():  # per-example values average, token-weighted, to the source's
+    for f in result.sources.values():  # per-example values average, token-weighted, to the source's
         assert np.average(f.example_values, weights=f.example_tokens) == pytest.approx(f.value, rel=1e-9)
 
 

@@ -22,6 +22,27 @@ CORPUS = [
 ]
 
 
+TOPICS = {  # name -> (prompt, response) patterns of small chat sources: a target and three domains
+    "math": ("What is {i} plus {j}?", "{i} + {j} = {k}. #### {k}"),
+    "law": ("Is clause {i} of the contract void?", "The court held clause {i} void because it lacked consideration."),
+    "chem": ("Which compound boils at {i}0 degrees?", "Compound {j} boils at {i}0 degrees and dissolves in water."),
+    "code": ("What does def f{i}(x) return?", "def f{i}(x): return x * {j}  # multiply by {j}"),
+}
+
+
+def chat_sources(tokenizer, n: int = 8, max_length: int = 96) -> dict:
+    """TOPICS encoded in the chat template: name -> n `Encoded` examples."""
+    from mixopt.encoding import encode_chat
+
+    def fill(pattern: str, i: int) -> str:
+        return pattern.format(i=i, j=2 * i + 1, k=3 * i + 1)
+
+    return {
+        name: [encode_chat(tokenizer, fill(p, i), fill(r, i), max_length) for i in range(n)]
+        for name, (p, r) in TOPICS.items()
+    }
+
+
 def tiny_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
