@@ -34,7 +34,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from mixopt.batching import length_batches
-from mixopt.encoding import Encoded
+from mixopt.encoding import Encoded, loss_digest
 from mixopt.errors import RecipeError
 from mixopt.features import cached_tensors
 from mixopt.files import Digest
@@ -259,8 +259,9 @@ def grad_forecast(
     started = time.perf_counter()
     layers = chosen_layers(lm.model, spec)
     sketcher = Sketcher.build(layers, spec.sketch, seed, lm.device)
-    setting = {"v": CACHE_VERSION, "model": lm.identity, "dtype": str(lm.dtype), "seed": seed, **spec.model_dump()}
-    setting["target"] = _ids_digest(sources[target])  # what u is estimated from
+    setting = {"v": CACHE_VERSION, "model": lm.identity, "dtype": str(lm.dtype), "seed": seed}
+    setting |= spec.model_dump(exclude={"lr"})  # lr only scales the stored alignments
+    setting["target"] = loss_digest(sources[target])  # what u is estimated from
     update: dict[str, torch.Tensor] | None = None
     passes: dict[str, SourceGradients] = {}
     backward_tokens = 0
@@ -274,20 +275,13 @@ def grad_forecast(
             backward_tokens += sum(len(e) for e in examples)
             return source_gradients(lm, layers, examples, update, sketcher, batch_tokens, f"grad {name}").to_tensors()
 
-        key = Digest().add(setting).add(_ids_digest(examples)).hex(24)
+        key = Digest().add(setting).add(loss_digest(examples)).hex(24)
         tensors, _ = cached_tensors("gradients", key, compute)
         passes[name] = SourceGradients(**tensors)
     forecasts = {name: _forecast(p, spec.lr) for name, p in passes.items()}
     domains = [name for name in sources if name != target]
     cost = ScorerCost(seconds=time.perf_counter() - started, backward_tokens=backward_tokens)
     return ForecastResult(forecasts, cost, transfer_matrix(domains, [passes[d].sketch for d in domains]))
-
-
-def _ids_digest(examples: list[Encoded]) -> str:
-    key = Digest()
-    for e in examples:
-        key.add([e.ids, e.response])
-    return key.hex()
 
 
 def _forecast(p: SourceGradients, lr: float) -> Forecast:

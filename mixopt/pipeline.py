@@ -21,7 +21,7 @@ from mixopt.features import PassResult, SourceStats, cached_pass, pass_key, run_
 from mixopt.model import LoadedModel, load_model
 from mixopt.recipe import DomainSpec, Recipe, TargetSpec
 from mixopt.sae import check_sae, load_sae, sae_identity
-from mixopt.scores import DomainScore, Scores
+from mixopt.scores import DomainScore, ForecastResult, Scores
 from mixopt.sources import check_columns, describe, load_source, render
 
 
@@ -227,9 +227,9 @@ FORECASTS = ("probe", "grad", "probe_act")  # scorers with a module of their own
 
 @dataclass
 class Forecasts:
-    """The recipe's forecasting scorer's results (scores.ForecastResult) by variant name."""
+    """The recipe's forecasting scorer's results by variant name."""
 
-    results: dict[str, Any] = field(default_factory=dict)  # probe_act also gives its raw baseline, raw_probe_act
+    results: dict[str, ForecastResult] = field(default_factory=dict)  # probe_act's raw baseline too: raw_probe_act
     shifted: tuple[torch.Tensor, torch.Tensor] | None = None  # probe_act: (latents, shift) of the measured shift
 
 

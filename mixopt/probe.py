@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import time
 from typing import Any
 
@@ -28,7 +29,7 @@ from tqdm.auto import tqdm
 
 from mixopt import sts
 from mixopt.batching import length_batches
-from mixopt.encoding import Encoded
+from mixopt.encoding import Encoded, loss_digest
 from mixopt.features import SourceStats, cached_pass, cached_tensors, pass_key, run_pass
 from mixopt.files import Digest, write_json
 from mixopt.finetune import FinetuneResult, finetune, loss_tokens, remove_checkpoint, token_losses
@@ -57,17 +58,13 @@ class Pilot:
 
     def __init__(self, lm: LoadedModel, train: list[Encoded], spec: ProbeSpec, seed: int):
         self.lm, self.train, self.spec, self.seed = lm, train, spec, seed
-        key = Digest().add({"v": CACHE_VERSION, "model": lm.identity, "seed": seed, **spec.model_dump()})
-        for e in train:
-            key.add([e.ids, e.response])
-        self.key = key.hex(24)
+        setting = {"v": CACHE_VERSION, "model": lm.identity, "seed": seed, **spec.model_dump()}
+        self.key = Digest().add(setting).add(loss_digest(train)).hex(24)
         self._record_path = cache_dir() / "probe" / f"{self.key}.json"
         self._loaded: LoadedModel | None = None
 
     @property
     def record(self) -> FinetuneResult:
-        import json
-
         if self._record_path.exists():
             return FinetuneResult(**json.loads(self._record_path.read_text()))
         return FinetuneResult(0, 0, 0.0)
@@ -121,9 +118,7 @@ def example_losses(lm: LoadedModel, examples: list[Encoded], batch_tokens: int, 
 def _cached_losses(model_key: str, lm: Any, examples: list[Encoded], batch_tokens: int, desc: str) -> np.ndarray:
     """`example_losses`, cached by the model's key and the exact ids; `lm` is a LoadedModel or a callable
     that makes one (so a cached run never trains the pilot)."""
-    key = Digest().add({"v": CACHE_VERSION, "model": model_key})
-    for e in examples:
-        key.add([e.ids, e.response])
+    key = Digest().add({"v": CACHE_VERSION, "model": model_key}).add(loss_digest(examples))
 
     def compute() -> dict[str, torch.Tensor]:
         model = lm() if callable(lm) else lm
