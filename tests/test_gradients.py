@@ -20,7 +20,7 @@ from mixopt.gradients import (
 )
 from mixopt.model import LoadedModel
 from mixopt.recipe import GradSpec
-from tests.tiny import chat_sources, tiny_llama, tiny_tokenizer
+from tests.tiny import chat_sources, tiny_lm
 
 SEED = 3
 
@@ -28,9 +28,7 @@ SEED = 3
 @pytest.fixture(scope="module")
 def lm() -> LoadedModel:
     """float64, so a finite difference of one small step resolves the first-order change."""
-    tok = tiny_tokenizer()
-    model = tiny_llama(len(tok), layers=2, seed=1).double()
-    return LoadedModel(model, tok, "tiny", "tiny-float64-grad", torch.device("cpu"), torch.float64)
+    return tiny_lm("tiny-float64-grad", torch.float64, seed=1)
 
 
 def sources(lm: LoadedModel, n: int = 8) -> dict[str, list[Encoded]]:

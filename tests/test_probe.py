@@ -16,7 +16,7 @@ from mixopt.finetune import finetune
 from mixopt.model import LoadedModel, residual_stream
 from mixopt.probe import Pilot, measured_shift, probe_act_forecast, probe_forecast, probe_schedule
 from mixopt.recipe import ProbeSpec
-from tests.tiny import chat_sources, tiny_llama, tiny_sae, tiny_tokenizer
+from tests.tiny import chat_sources, tiny_lm, tiny_sae
 
 SEED = 2
 LAYER = 1
@@ -24,8 +24,7 @@ LAYER = 1
 
 @pytest.fixture(scope="module")
 def lm() -> LoadedModel:
-    tok = tiny_tokenizer()
-    return LoadedModel(tiny_llama(len(tok), seed=4), tok, "tiny", "tiny-probe", torch.device("cpu"), torch.float32)
+    return tiny_lm("tiny-probe", seed=4)
 
 
 @pytest.fixture(scope="module")

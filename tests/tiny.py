@@ -78,6 +78,15 @@ def tiny_llama(vocab_size: int, layers: int = 2, seed: int = 0):
     return LlamaForCausalLM(config).eval()
 
 
+def tiny_lm(identity: str, dtype: torch.dtype = torch.float32, layers: int = 2, seed: int = 0):
+    """A LoadedModel of `tiny_llama` on the CPU. `identity` keys its cache entries: give each model its own."""
+    from mixopt.model import LoadedModel
+
+    tokenizer = tiny_tokenizer()
+    model = tiny_llama(len(tokenizer), layers=layers, seed=seed).to(dtype)
+    return LoadedModel(model, tokenizer, "tiny", identity, torch.device("cpu"), dtype)
+
+
 def tiny_sae(d_in: int = 32, d_sae: int = 64, layer: int = 1, seed: int = 0):
     from sae_lens import StandardSAE, StandardSAEConfig
 
