@@ -58,7 +58,7 @@ class Pilot:
 
     def __init__(self, lm: LoadedModel, train: list[Encoded], spec: ProbeSpec, seed: int):
         self.lm, self.train, self.spec, self.seed = lm, train, spec, seed
-        setting = {"v": CACHE_VERSION, "model": lm.identity, "seed": seed, **spec.model_dump()}
+        setting = {"v": CACHE_VERSION, "model": lm.identity, "dtype": str(lm.dtype), "seed": seed, **spec.model_dump()}
         self.key = Digest().add(setting).add(loss_digest(train)).hex(24)
         self._record_path = cache_dir() / "probe" / f"{self.key}.json"
         self._loaded: LoadedModel | None = None
