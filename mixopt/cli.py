@@ -112,9 +112,12 @@ def check(paths: tuple[Path, ...], fmt: str) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the scores as JSON instead of the table.")
 @user_errors
 def score(recipe: Path, out: Path | None, as_json: bool) -> None:
-    """STS of every domain of RECIPE: the shifted latents and a table of domains sorted by STS.
+    """STS of every domain of RECIPE: the shifted latents and a table of domains sorted by the recipe's
+    scorer (`sts.score`). The forecasts `grad` and `probe` are signed: the change of each domain's loss
+    the fine-tune is expected to cause, positive = worse; scores.json also holds their cost and, for
+    `grad`, the domains' gradient cosines (`transfer`).
 
-    Feature statistics are cached under $MIXOPT_CACHE: a second run does no forward pass.
+    Feature statistics and forecasts are cached under $MIXOPT_CACHE: a second run does no forward pass.
 
     \b
     e.g. mixopt score recipes/quickstart.yaml --out runs/quickstart-scores.json

@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mixopt.errors import ModelError
+from mixopt.files import Digest
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,14 @@ class Encoded:
     @property
     def n_counted(self) -> int:
         return sum(self.counted)
+
+
+def loss_digest(examples: list[Encoded]) -> str:
+    """Content key of examples as a trainer or a loss sees them: their exact ids and response masks."""
+    key = Digest()
+    for e in examples:
+        key.add([e.ids, e.response])
+    return key.hex()
 
 
 def has_chat_template(tokenizer: object) -> bool:

@@ -179,9 +179,17 @@ def _encode_counted(
 
 
 def run_pass(
-    lm: LoadedModel, sae: Any, layer: int, examples: list[Encoded], prefix: list[int], batch_tokens: int, desc: str
+    lm: LoadedModel,
+    sae: Any,
+    layer: int,
+    examples: list[Encoded],
+    prefix: list[int],
+    batch_tokens: int,
+    desc: str,
+    other: LoadedModel | None = None,
 ) -> PassResult:
-    """Stream `examples` through model and SAE; with a non-empty `prefix`, also the ICL shift.
+    """Stream `examples` through model and SAE; with a non-empty `prefix`, also the ICL shift; with `other`
+    (e.g. a fine-tuned copy, same tokenizer), the shift from `lm` to `other` on the same ids instead.
 
     The prefix's keys and values are computed once and every query continues them, which is the same
     computation as running `prefix + query` ids (tested) at a fraction of the cost."""
@@ -194,7 +202,7 @@ def run_pass(
     )
     shift = (
         SourceStats(stats.example_tokens.clone(), Reduction.empty(n, d_sae), Reduction.empty(n, d_model))
-        if prefix
+        if prefix or other is not None
         else None
     )
     cache = prefix_cache(lm.model, prefix, layer, lm.device) if prefix else None  # demos: computed once
@@ -207,9 +215,12 @@ def run_pass(
             stats.latents.update(f0, example)
             stats.resid.update(h0, example)
             top.update(f0, mask, torch.tensor(batch))
-            if shift is not None:  # the same turn ids after the demonstrations: counted tokens align one to one
+            if shift is not None and other is not None:  # measured shift: the same ids in the other model
+                h1, f1 = _encode_counted(other, sae, layer, [r.ids for r in rows], mask)
+            elif shift is not None:  # the same turn ids after the demonstrations: counted tokens align one to one
                 turns = [r.turn for r in rows]  # one conversation: the head (system block) only before the demos
                 h1, f1 = _encode_counted(lm, sae, layer, [t.ids for t in turns], _counted_mask(turns), cache)
+            if shift is not None:
                 shift.latents.update((f1 - f0).square(), example)
                 shift.resid.update((h1 - h0).square(), example)
             bar.update(len(example))
@@ -228,19 +239,29 @@ def pass_key(identity: dict[str, Any], examples: list[Encoded], prefix: list[int
     return key.hex(24)
 
 
-def cached_pass(key: str, compute: Callable[[], PassResult]) -> tuple[PassResult, bool]:
-    """The pass's result from the on-disk cache, or computed and stored atomically. Returns (result, hit)."""
+def cached_tensors(
+    kind: str, key: str, compute: Callable[[], dict[str, torch.Tensor]]
+) -> tuple[dict[str, torch.Tensor], bool]:
+    """Tensors stored in the cache's `kind` folder under `key`, or computed and stored atomically (a killed
+    run leaves no half-written entry). Returns (tensors, hit)."""
     from safetensors.torch import load_file, save_file
 
-    path = cache_dir() / "features" / f"{key}.safetensors"
+    path = cache_dir() / kind / f"{key}.safetensors"
     if path.exists():
-        tensors = load_file(path)
-        shift = SourceStats.from_tensors(tensors, "shift.") if "shift.example_tokens" in tensors else None
-        return PassResult(SourceStats.from_tensors(tensors, "stats."), shift), True
-    result = compute()
-    tensors = result.stats.to_tensors("stats.")
-    if result.shift is not None:
-        tensors |= result.shift.to_tensors("shift.")
-    # a killed run leaves no half-written entry
-    atomic_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, tmp))
-    return result, False
+        return load_file(path), True
+    tensors = {k: v.contiguous() for k, v in compute().items()}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp))
+    return tensors, False
+
+
+def cached_pass(key: str, compute: Callable[[], PassResult]) -> tuple[PassResult, bool]:
+    """The pass's result from the on-disk cache, or computed and stored atomically. Returns (result, hit)."""
+
+    def tensors() -> dict[str, torch.Tensor]:
+        result = compute()
+        out = result.stats.to_tensors("stats.")
+        return out | result.shift.to_tensors("shift.") if result.shift is not None else out
+
+    stored, hit = cached_tensors("features", key, tensors)
+    shift = SourceStats.from_tensors(stored, "shift.") if "shift.example_tokens" in stored else None
+    return PassResult(SourceStats.from_tensors(stored, "stats."), shift), hit

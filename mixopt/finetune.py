@@ -72,6 +72,11 @@ def training_batch(rows: list[Encoded], pad_id: int, device: torch.device) -> tu
     return ids, attention, read, targets
 
 
+def loss_tokens(rows: list[Encoded]) -> torch.Tensor:
+    """(rows,) int64: the response tokens each row's loss reads (`training_batch`: token t+1 at position t)."""
+    return torch.tensor([sum(r.response[1:]) for r in rows], dtype=torch.int64)
+
+
 def fingerprint(examples: list[Encoded], schedule: ScheduleSpec, seed: int) -> str:
     """What a checkpoint belongs to: the exact training data, schedule and seed."""
     # key order as it always was (unsorted): a new order would orphan stored checkpoints and measurements
@@ -165,17 +170,27 @@ def _step(
     pad_id: int,
     device: torch.device,
 ) -> tuple[float, int]:
-    ids, attention, read, targets = training_batch(rows, pad_id, device)
     for group in optimizer.param_groups:
         group["lr"] = lr
-    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        logits = model(input_ids=ids, attention_mask=attention, logits_to_keep=read, use_cache=False).logits
-    loss = nn.functional.cross_entropy(logits.float(), targets)  # (response tokens, vocab) -> token mean
+    losses, _ = token_losses(model, rows, pad_id, device)
+    loss = losses.mean()  # token mean over the batch
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     optimizer.step()
-    return float(loss.detach()), int(targets.numel())
+    return float(loss.detach()), int(losses.numel())
+
+
+def token_losses(
+    model: nn.Module, rows: list[Encoded], pad_id: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, row) of every response token of `rows`, row-major: the trainer's loss before its mean.
+    Shapes: (response tokens,) each; `row` is the index in `rows` of each token's example."""
+    ids, attention, read, targets = training_batch(rows, pad_id, device)
+    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        logits = model(input_ids=ids, attention_mask=attention, logits_to_keep=read, use_cache=False).logits
+    losses = nn.functional.cross_entropy(logits.float(), targets, reduction="none")  # (response tokens,)
+    return losses, read[:, :-1].nonzero()[:, 0]  # targets are read row-major: the same order
 
 
 def remove_checkpoint(folder: Path) -> None:

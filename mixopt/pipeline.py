@@ -23,7 +23,7 @@ from mixopt.features import PassResult, SourceStats, cached_pass, pass_key, run_
 from mixopt.model import LoadedModel, load_model
 from mixopt.recipe import Recipe, STSSpec
 from mixopt.sae import check_sae, load_sae, sae_identity
-from mixopt.scores import SCORERS, DomainScore, Scores
+from mixopt.scores import SCORERS, DomainScore, ForecastResult, Scores
 from mixopt.sources import rendered_rows
 from mixopt.stats import weighted_mean_interval
 
@@ -203,6 +203,13 @@ def score_datasets(
             icl_samples[domain.name] = icl_sample
             icl_passes[domain.name] = stream(f"domain {domain.name} (icl)", icl_sample, icl_prefix)
 
+    forecasts = Forecasts()
+    if variant in FORECASTS:
+        every = {target.name: target_sample} | samples
+        stats = {target.name: target_pass.stats} | {name: p.stats for name, p in passes.items()}
+        run = lambda: forecast_scores(spec, seed, model, identity, target, every, stats)  # noqa: E731
+        forecasts = timings.timed(variant, run)
+
     grand = torch.stack([sts.mean_residual(p.stats) for p in [target_pass, *passes.values()]]).mean(0)
     target_mean = sts.mean_residual(target_pass.stats)
 
@@ -215,8 +222,13 @@ def score_datasets(
             variants["raw_icl"] = sts.domain_score(icl.shift.resid, icl.shift.n_tokens, raw_dims, "icl")
         variants["similarity"] = sts.centered_similarity(sts.mean_residual(stats), target_mean, grand)
         variants["random"] = sts.random_control(stats, k)
+        variants |= {key: result.sources[name].value for key, result in forecasts.results.items()}
         scored = variant if variant != "icl" or "icl" in variants else "act"  # the target has no ICL pass of its own
-        per_example, tokens = scorer_examples(scored, stats, icl, latents, raw_dims, target_mean, grand)
+        if variant in forecasts.results:
+            forecast = forecasts.results[variant].sources[name]
+            per_example, tokens = np.array(forecast.example_values), np.array(forecast.example_tokens)
+        else:
+            per_example, tokens = scorer_examples(scored, stats, icl, latents, raw_dims, target_mean, grand)
         stderr, interval = weighted_mean_interval(per_example, tokens, spec.bootstrap, sts.name_seed(seed, name))
         mean_all, mean_response = mean_tokens(sample.examples)
         return DomainScore(
@@ -231,12 +243,17 @@ def score_datasets(
             mean_response_tokens=mean_response,
             stderr=stderr,
             interval=interval,
-            example_scores=[round(float(s), 6) for s in per_example],
+            example_scores=[float(f"{s:.7g}") for s in per_example],  # significant digits: forecasts are ~1e-6
             example_tokens=[int(t) for t in tokens],
             example_indices=(icl_samples[name] if scored == "icl" else sample).indices,  # whose rows scored
             variants=variants,
         )
 
+    domain_scores = [record(d.name, samples[d.name], passes[d.name], icl_passes.get(d.name)) for d in domains]
+    target_score = record(target.name, target_sample, target_pass, None)
+    if forecasts.shifted is not None:  # probe_act: the shift the scorer used is the measured one
+        latents, shift_values = forecasts.shifted
+    chosen = forecasts.results.get(variant)
     scores = Scores(
         recipe_sha256="",
         model=model.model_name,
@@ -245,8 +262,10 @@ def score_datasets(
         top_k=len(latents),
         score=variant,
         shifted_latents=[{"index": int(i), "shift": float(v)} for i, v in zip(latents, shift_values, strict=True)],
-        target=record(target.name, target_sample, target_pass, None),
-        domains=[record(d.name, samples[d.name], passes[d.name], icl_passes.get(d.name)) for d in domains],
+        target=target_score,
+        domains=domain_scores,
+        transfer=chosen.transfer if chosen else None,
+        cost=chosen.cost if chosen else None,
     )
     if evidence is not None:  # for `mixopt explain` and report.html, while the passes are in memory
         scored = [ScoredSource(target.name, target_sample.examples, target_pass, scores.target)]
@@ -256,6 +275,50 @@ def score_datasets(
             scored.append(ScoredSource(d.name, samples[d.name].examples, passes[d.name], score, *icl))
         evidence.append(collect_evidence(lm.tokenizer, scores, counted, scored))
     return scores
+
+
+FORECASTS = ("probe", "grad", "probe_act")  # scorers with a module of their own (gradients.py, probe.py)
+
+
+@dataclass
+class Forecasts:
+    """The recipe's forecasting scorer's results by variant name."""
+
+    results: dict[str, ForecastResult] = field(default_factory=dict)  # probe_act's raw baseline too: raw_probe_act
+    shifted: tuple[torch.Tensor, torch.Tensor] | None = None  # probe_act: (latents, shift) of the measured shift
+
+
+def forecast_scores(
+    spec: STSSpec,
+    seed: int,
+    model: ScoringModel,
+    identity: dict[str, Any],
+    target: ScoringSource,
+    samples: dict[str, Sample],
+    stats: dict[str, SourceStats],
+) -> Forecasts:
+    """The recipe's forecasting scorer (`sts.score` in FORECASTS) on the target and every domain. `samples`
+    and `stats`: each source's scoring sample and feature statistics, by name; the target's rows (all of
+    them) are what the pilot fine-tune trains on and its sample what `grad`'s update is estimated from."""
+    lm, sae = model.lm, model.sae
+    examples = {name: sample.examples for name, sample in samples.items()}
+    if spec.score == "grad":
+        from mixopt.gradients import grad_forecast
+
+        return Forecasts({"grad": grad_forecast(lm, target.name, examples, spec.grad, spec.batch_tokens, seed)})
+    from mixopt import probe
+
+    # probe and probe_act read one pilot fine-tune: both are measured (and cached) whenever either is chosen,
+    # so the pilot trains at most once and each is reported beside the other
+    encoded = (encode_row(lm, row, spec.probe.max_length) for row in target.rows)
+    pilot = probe.Pilot(lm, [e for e in encoded if any(e.response[1:])], spec.probe, seed)
+    started = time.perf_counter()
+    losses = probe.probe_forecast(lm, pilot, examples, spec.batch_tokens)
+    shift = probe.measured_shift(lm, pilot, sae, identity, examples[target.name], spec.batch_tokens)
+    measured, raw = (probe.probe_act_forecast(shift, stats, spec.top_k, raw=r) for r in (False, True))
+    losses.cost = measured.cost = probe.pilot_cost(pilot, time.perf_counter() - started)
+    shifted = sts.shifted_latents(shift.latents, spec.top_k) if spec.score == "probe_act" else None
+    return Forecasts({"probe": losses, "probe_act": measured, "raw_probe_act": raw}, shifted)
 
 
 def scorer_examples(

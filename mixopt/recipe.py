@@ -211,9 +211,31 @@ class DomainSpec(TextTemplates):
         return self
 
 
+class ProbeSpec(Section):
+    """`probe` and `probe_act`: a pilot fine-tune on the target with validation's trainer, short schedule."""
+
+    steps: Annotated[int, Field(ge=0)] = 8  # optimizer steps (0: no training, every forecast is 0)
+    batch_size: Annotated[int, Field(gt=0)] = 8  # examples per step
+    lr: Annotated[float, Field(gt=0)] = 1e-4  # AdamW peak learning rate, no warmup, cosine to lr/10
+    max_length: Annotated[int, Field(gt=0)] = 384  # training examples are truncated to this many tokens
+
+
+class GradSpec(Section):
+    """`grad`: the first-order change of each domain's loss under the target's first update, no training."""
+
+    direction: Literal["plain", "adam"] = "plain"  # the target's update: mean gradient, or g / (sqrt(v) + eps)
+    lr: Annotated[float, Field(gt=0)] = 1e-4  # step size: forecast = -lr <grad of the domain's loss, update>
+    batches: Annotated[int, Field(gt=0)] = 8  # target batches the update is estimated from
+    batch_size: Annotated[int, Field(gt=0)] = 8  # examples per target batch (the trainer's batch)
+    eps: Annotated[float, Field(gt=0)] = 1e-8  # Adam's epsilon (`adam` only)
+    blocks: Annotated[int, Field(ge=0)] = 4  # the last N decoder blocks' linear weights count (0: every block)
+    modules: Annotated[list[str], Field(min_length=1)] = ["*"]  # name patterns inside a block, e.g. "mlp.*"
+    sketch: Annotated[int, Field(gt=0)] = 32  # each weight's gradient is sketched to sketch x sketch (LoGra)
+
+
 class STSSpec(Section):
-    # the scorer the solver reads: an STS variant or a baseline (DESIGN.md section 3). The default is the
-    # one forecast that beat STS act in docs/validation.md's sweep (paired interval excluding 0).
+    # the scorer the solver reads: an STS variant, a baseline or a forecast (DESIGN.md sections 3, 3b). The
+    # default is the one forecast that beat STS act in docs/validation.md's sweep (paired interval excluding 0).
     score: ScorerName = "similarity"
     tokens: Literal["content", "response"] = "response"  # which tokens count: the response, or prompt + response
     top_k: Annotated[int, Field(gt=0)] = 100  # shifted latents kept
@@ -222,6 +244,8 @@ class STSSpec(Section):
     max_length: Annotated[int, Field(gt=0)] = 512  # longer examples are truncated
     batch_tokens: Annotated[int, Field(gt=0)] = 4096  # padded tokens per forward batch
     bootstrap: Annotated[int, Field(ge=0)] = 1000  # resamples for each domain's 95% interval
+    probe: ProbeSpec = ProbeSpec()  # `probe`, `probe_act`: the pilot fine-tune
+    grad: GradSpec = GradSpec()  # `grad`: the update direction, which weights count, the sketch size
 
 
 class GroupConstraint(Section):

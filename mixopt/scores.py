@@ -42,9 +42,14 @@ SCORERS: dict[str, Scorer] = {
         Scorer("raw", "raw_act", "raw_act", sts=False, reads_shift=True),
         Scorer("similarity", "similarity", "raw_act", sts=False, reads_shift=False),
         Scorer("random", "random", "raw_act", sts=False, reads_shift=False, selectable=False),
+        # forecasts (DESIGN.md 3b): a pilot fine-tune's loss change, the first-order loss change under the
+        # target's update, and the `act` formula on the shift measured between the base and the pilot model
+        Scorer("probe", "probe", "raw_act", sts=False, reads_shift=False, signed=True),
+        Scorer("grad", "grad", "raw_act", sts=False, reads_shift=False, signed=True),
+        Scorer("probe_act", "probe_act", "raw_probe_act", sts=True, reads_shift=False),
     )
 }
-ScorerName = Literal["act", "act_sq", "icl", "raw", "similarity"]  # the selectable ones, for the recipe schema
+ScorerName = Literal["act", "act_sq", "icl", "raw", "similarity", "probe", "grad", "probe_act"]  # selectable
 assert set(get_args(ScorerName)) == {s.name for s in SCORERS.values() if s.selectable}
 
 
@@ -75,6 +80,37 @@ class DomainScore:
 
 
 @dataclass
+class Forecast:
+    """What a forecasting scorer says about one source: its value, and each scored example's own value,
+    whose mean weighted by `example_tokens` is `value` (the intervals and the solver's bootstrap resample them)."""
+
+    value: float
+    example_values: list[float]
+    example_tokens: list[int]
+
+
+@dataclass
+class ScorerCost:
+    """What a forecast cost, to weigh it against the fine-tune it forecasts (same machine)."""
+
+    seconds: float = 0.0  # wall time of this run's scorer work (near 0 when it came from the cache)
+    train_steps: int = 0  # optimizer steps of the pilot fine-tune (probe, probe_act)
+    train_tokens: int = 0  # loss-bearing tokens the pilot trained on
+    train_seconds: float = 0.0  # the pilot's training wall time (kept with its cached results)
+    backward_tokens: int = 0  # tokens through a forward and backward pass (grad)
+
+
+@dataclass
+class ForecastResult:
+    """A forecasting scorer's output: a Forecast per source (the domains and the target) and, where the
+    scorer has one, the domains' transfer matrix."""
+
+    sources: dict[str, Forecast]
+    cost: ScorerCost
+    transfer: Transfer | None = None
+
+
+@dataclass
 class Transfer:
     """Replay transfer between domains, read by the `protect` objective (mixopt.solver).
 
@@ -98,12 +134,17 @@ class Scores:
     sae: str
     layer: int
     top_k: int
-    score: str  # the scorer in `DomainScore.score` (a key of SCORERS)
-    shifted_latents: list[dict[str, float]]  # [{index, shift}], largest shift first
-    target: DomainScore  # the fine-tuning data itself (sts = its own score)
+    score: str  # the scorer in `DomainScore.score` (a key of SCORERS; signed for SIGNED_SCORERS)
+    shifted_latents: list[dict[str, float]]  # [{index, shift}], largest shift first (probe_act: the measured shift)
+    target: DomainScore  # the fine-tuning data itself (score = its own score)
     domains: list[DomainScore]
-    transfer: Transfer | None = None  # absent in older files and for scorers that make none: identity
+    transfer: Transfer | None = None  # absent in older files and for scorers that make none (identity); grad's
+    cost: ScorerCost | None = None  # what the forecast cost (probe, grad, probe_act)
     version: int = SCORES_VERSION
+
+    @property
+    def signed(self) -> bool:
+        return self.score in SIGNED_SCORERS
 
     def ranked(self) -> list[DomainScore]:
         """Domains by score, most exposed first."""
@@ -121,6 +162,8 @@ class Scores:
         data["domains"] = [DomainScore.from_dict(d) for d in data["domains"]]
         if data.get("transfer") is not None:
             data["transfer"] = Transfer(**data["transfer"])
+        if data.get("cost") is not None:
+            data["cost"] = ScorerCost(**data["cost"])
         return cls(**data)
 
     def save(self, path: str | Path) -> None:
@@ -141,8 +184,22 @@ class Scores:
                 [name, f"{d.score:.4g}", f"[{lo:.4g}, {hi:.4g}]", f"{d.baseline:.4g}", f"{d.similarity:.3f}"]
                 + [f"{d.tokens:,}", f"{d.examples:,} of {d.available:,}"]
             )
-        table = render_table(header, rows, right={1, 3, 4, 5, 6})
-        return f"shifted latents (top {self.top_k} of layer {self.layer}; first 10 with shift): {top}\n\n{table}"
+        lines = [
+            f"shifted latents (top {self.top_k} of layer {self.layer}; first 10 with shift): {top}",
+            "",
+            render_table(header, rows, right={1, 3, 4, 5, 6}),
+        ]
+        if self.signed:
+            lines.append(f"\n{self.score}: forecast change of each domain's response-token loss (positive = worse)")
+        if self.cost is not None:
+            c = self.cost
+            pilot = f"; pilot fine-tune {c.train_steps} steps, {c.train_tokens:,} tokens, {c.train_seconds:.1f} s"
+            lines.append(
+                f"cost of {self.score}: {c.seconds:.1f} s this run"
+                + (pilot if c.train_steps else "")
+                + (f"; {c.backward_tokens:,} tokens through backward" if c.backward_tokens else "")
+            )
+        return "\n".join(lines)
 
     @classmethod
     def load(cls, path: str | Path) -> Scores:

@@ -27,6 +27,27 @@ CORPUS = [
 ]
 
 
+TOPICS = {  # name -> (prompt, response) patterns of small chat sources: a target and three domains
+    "math": ("What is {i} plus {j}?", "{i} + {j} = {k}. #### {k}"),
+    "law": ("Is clause {i} of the contract void?", "The court held clause {i} void because it lacked consideration."),
+    "chem": ("Which compound boils at {i}0 degrees?", "Compound {j} boils at {i}0 degrees and dissolves in water."),
+    "code": ("What does def f{i}(x) return?", "def f{i}(x): return x * {j}  # multiply by {j}"),
+}
+
+
+def chat_sources(tokenizer, n: int = 8, max_length: int = 96) -> dict:
+    """TOPICS encoded in the chat template: name -> n `Encoded` examples."""
+    from mixopt.encoding import encode_chat
+
+    def fill(pattern: str, i: int) -> str:
+        return pattern.format(i=i, j=2 * i + 1, k=3 * i + 1)
+
+    return {
+        name: [encode_chat(tokenizer, fill(p, i), fill(r, i), max_length) for i in range(n)]
+        for name, (p, r) in TOPICS.items()
+    }
+
+
 def tiny_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
@@ -60,6 +81,15 @@ def tiny_llama(vocab_size: int, layers: int = 2, seed: int = 0):
         pad_token_id=0,
     )
     return LlamaForCausalLM(config).eval()
+
+
+def tiny_lm(identity: str, dtype: torch.dtype = torch.float32, layers: int = 2, seed: int = 0):
+    """A LoadedModel of `tiny_llama` on the CPU. `identity` keys its cache entries: give each model its own."""
+    from mixopt.model import LoadedModel
+
+    tokenizer = tiny_tokenizer()
+    model = tiny_llama(len(tokenizer), layers=layers, seed=seed).to(dtype)
+    return LoadedModel(model, tokenizer, "tiny", identity, torch.device("cpu"), dtype)
 
 
 def tiny_sae(d_in: int = 32, d_sae: int = 64, layer: int = 1, seed: int = 0):
