@@ -34,6 +34,7 @@ def _heldout_texts(n: int = 40) -> list[tuple[str, str]]:
     return [(r["question"], r["answer"]) for r in rows]
 
 
+@pytest.mark.slow  # loads the real model (minutes on 2 loaded cores)
 def test_shipped_sae__fits_the_model_and_reconstructs_heldout_text_at_its_recorded_quality() -> None:
     lm = load_model(ModelSpec(path="smollm2-135m-instruct"))
     assert (lm.n_layers, lm.hidden_size) == (30, 576)

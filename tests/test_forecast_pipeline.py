@@ -34,10 +34,10 @@ def test_score_cli__forecast_is_what_the_solver_reads_with_its_examples_and_cost
     scores = Scores.load(out)
     assert scores.score == scorer and scores.cost is not None
     for d in [*scores.domains, scores.target]:
-        assert d.sts == d.variants[scorer]
+        assert d.score == d.variants[scorer]
         mean = np.average(d.example_scores, weights=d.example_tokens)
-        assert mean == pytest.approx(d.sts, rel=1e-4, abs=1e-9)  # the bootstrap resamples these
-        assert d.interval is not None and d.interval[0] <= d.sts <= d.interval[1]
+        assert mean == pytest.approx(d.score, rel=1e-4, abs=1e-9)  # the bootstrap resamples these
+        assert d.interval is not None and d.interval[0] <= d.score <= d.interval[1]
     if scorer == "grad":
         assert isinstance(scores.transfer, Transfer)
         assert scores.transfer.domains == [d.name for d in scores.domains]
@@ -48,7 +48,7 @@ def test_score_cli__forecast_is_what_the_solver_reads_with_its_examples_and_cost
         assert {"probe", "probe_act", "raw_probe_act"} <= set(scores.target.variants)  # one pilot, both read it
     if scorer in ("grad", "probe"):
         assert "positive = worse" in result.output
-        assert scores.target.sts < 0  # a step on the target lowers the target's own loss
+        assert scores.target.score < 0  # a step on the target lowers the target's own loss
 
 
 def test_plan_cli__allocates_by_a_signed_forecast(workspace: Path, tmp_path: Path) -> None:
@@ -71,11 +71,11 @@ def test_validation__no_evaluation_item_enters_a_probe_or_a_gradient(
 ) -> None:
     """Every forward pass while a source is scored (features, the target update, the pilot's training, the
     losses before and after it) sees only that source's own rows and the domains' scoring rows."""
-    from mixopt.validate import load_domains, load_source_data, plan_recipe_for, write_data
-
-    import mixopt.pipeline
+    import mixopt.model
     from mixopt import evaluate as ev
     from mixopt.recipe import load_validate_recipe
+    from mixopt.validation.data import load_domains, load_source_data
+    from mixopt.validation.scoring import score_sources
     from tests.test_validate import write_validate_workspace
 
     recipe = load_validate_recipe(write_validate_workspace(tmp_path))
@@ -84,9 +84,8 @@ def test_validation__no_evaluation_item_enters_a_probe_or_a_gradient(
     out = tmp_path / "run"
     domains = load_domains(recipe)
     sources = [load_source_data(recipe, i) for i in range(len(recipe.sources))]
-    write_data(out, domains, sources)
     seen: list[list[int]] = []
-    load_model = mixopt.pipeline.load_model
+    load_model = mixopt.model.load_model
 
     def recording(*args: Any, **kwargs: Any) -> Any:
         lm = load_model(*args, **kwargs)
@@ -97,11 +96,11 @@ def test_validation__no_evaluation_item_enters_a_probe_or_a_gradient(
         lm.model.register_forward_pre_hook(record, with_kwargs=True)  # copied into the pilot with the model
         return lm
 
-    monkeypatch.setattr(mixopt.pipeline, "load_model", recording)
+    monkeypatch.setattr(mixopt.model, "load_model", recording)  # validation loads through mixopt.model
     questions = {item.question for d in domains for item in d.evaluation}
-    for spec, source in zip(recipe.sources, sources, strict=True):
+    for source in sources:
         seen.clear()
-        mixopt.pipeline.score_recipe(plan_recipe_for(recipe, spec, out, [d.name for d in domains]))
+        score_sources(recipe, [source], domains, out / "scores")  # the validation's own scoring of one source
         assert len(seen) > 50  # features, and the forecast's own passes
         tokenizer = load_model(recipe.model, recipe.base_dir).tokenizer
         texts = {tokenizer.decode(ids, skip_special_tokens=True) for ids in seen}

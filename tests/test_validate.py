@@ -291,13 +291,17 @@ def test_compare__paired_intervals_cancel_the_noise_runs_share() -> None:
         assert diff[key]["ci"] == pytest.approx([expected, expected]), key
 
 
-def test_random_control__reproducible_by_seed() -> None:
+def test_random_control__is_act_on_seeded_random_latents_averaged_over_seeds() -> None:
     from mixopt import sts
     from mixopt.features import Reduction, SourceStats
 
     stats = SourceStats(torch.full((6,), 5), Reduction.empty(6, 64), Reduction.empty(6, 32))
     stats.latents.update(torch.rand(30, 64), torch.arange(30) // 5)
-    assert sts.random_control(stats, k=8) == sts.random_control(stats, k=8)
+    by_hand = [  # act = mean over tokens of the sum over the chosen latents, on 5 seeded draws of 8 latents
+        stats.latents.total[torch.randperm(64, generator=torch.Generator().manual_seed(s))[:8]].sum().item() / 30
+        for s in range(5)
+    ]
+    assert sts.random_control(stats, k=8) == pytest.approx(np.mean(by_hand))
     assert torch.equal(sts.random_latents(64, 8, seed=3), sts.random_latents(64, 8, seed=3))
     assert not torch.equal(sts.random_latents(64, 8, seed=3), sts.random_latents(64, 8, seed=4))
 
@@ -363,7 +367,16 @@ def test_validate__end_to_end_writes_correlations_plots_and_the_comparison(valid
     pooled = report["correlations"]["answer_nll"]["pooled"]
     assert set(pooled["scores"]) == {"act", "act_sq", "raw", "similarity", "random"}
     assert pooled["scores"]["similarity"]["abs"]["n"] == 6
-    assert pooled["scores"]["act"]["abs"]["pearson"]["r"] is not None
+    # the reported correlations equal scipy on the report's own cells (pooled, and standardised within source)
+    from scipy import stats as sps
+
+    act = np.array([c["scores"]["act"] for c in report["cells"]])
+    change = np.array([c["change"]["answer_nll"]["delta"] for c in report["cells"]])
+    assert pooled["scores"]["act"]["abs"]["pearson"]["r"] == pytest.approx(sps.pearsonr(act, np.abs(change))[0])
+    assert pooled["scores"]["act"]["signed"]["spearman"]["r"] == pytest.approx(sps.spearmanr(act, change)[0])
+    within = report["correlations"]["answer_nll"]["within"]["scores"]["act"]["abs"]["pearson"]["r"]
+    z = lambda a: sps.zscore(a.reshape(2, 3), axis=1).ravel()  # noqa: E731  (2 sources x 3 domains, row-major)
+    assert within == pytest.approx(sps.pearsonr(z(act), z(np.abs(change)))[0])
     assert set(pooled["partial_given_similarity"]) == {"act", "act_sq"}
     assert set(report["correlations"]["letter_mass"]["by_source"]) == {"math", "law"}
     for m in ev.METRICS:
