@@ -465,3 +465,26 @@ def test_sweep__rescores_every_setting_without_training_and_agrees_with_the_repo
     primary = across[sweep["metric"]]  # the tiny run's primary metric is reliable
     assert primary["r"] == pytest.approx(best["within"]["abs"]["spearman"]["r"], nan_ok=True)
     assert primary["difference"] == pytest.approx(best["versus_reference"]["difference"], nan_ok=True)
+
+
+def test_rescore__from_kept_evidence_reproduces_the_correlations_without_training(
+    validated: tuple[Path, Path], trains_nothing: None, tmp_path: Path
+) -> None:
+    """`--keep` then `--rescore --from` in a fresh run folder: the same numbers, nothing trained or measured."""
+    from mixopt.errors import MixoptError
+    from mixopt.validation import evidence
+    from mixopt.validation.run import run_validation
+
+    recipe, out = validated
+    kept = evidence.keep(out, tmp_path / "evidence")
+    assert {p.name for p in kept} >= {"base.json.gz", "math.json.gz", "law.json.gz", "validation.json"}
+    fresh = tmp_path / "fresh"
+    assert sorted(evidence.restore(tmp_path / "evidence", fresh))[:2] == ["base", "law"]
+    again = run_validation(load_validate_recipe(recipe), fresh, rescore=True).report
+    before = json.loads((out / "validation.json").read_text())
+    from mixopt.files import finite
+
+    assert json.loads(json.dumps(finite(again["correlations"]))) == before["correlations"]  # exactly
+    assert again["cells"][0]["change"]["letter_mass"]["delta"] == before["cells"][0]["change"]["letter_mass"]["delta"]
+    with pytest.raises(MixoptError, match="--rescore trains and measures nothing"):
+        run_validation(load_validate_recipe(recipe), tmp_path / "empty", rescore=True)

@@ -94,11 +94,14 @@ def run_validation(
         f"items per domain; {recipe.schedule.steps} steps x {recipe.schedule.batch_size} = {recipe.schedule.budget} "
         f"examples per fine-tune"
     )
+    if rescore:  # a missing record fails before the scoring passes, not after them
+        measure_all(run)
     t = time.perf_counter()
     run.scores = score_sources(recipe, run.sources, run.domains, out / "scores")
     run.timings["scores"] = time.perf_counter() - t
     run.matrix = score_matrix(run.scores, [s.name for s in run.sources], [d.name for d in run.domains])
-    measure_all(run)
+    if not rescore:
+        measure_all(run)
 
     e = recipe.evaluation
     cells = build_cells(run.measured_base, run.after, run.spans, run.masks, e.bootstrap, recipe.seed)
