@@ -204,7 +204,7 @@ def score_datasets(
             icl_passes[domain.name] = stream(f"domain {domain.name} (icl)", icl_sample, icl_prefix)
 
     forecasts = Forecasts()
-    if variant in FORECASTS:
+    if SCORERS[variant].looks_ahead:
         every = {target.name: target_sample} | samples
         stats = {target.name: target_pass.stats} | {name: p.stats for name, p in passes.items()}
         run = lambda: forecast_scores(spec, seed, model, identity, target, every, stats)  # noqa: E731
@@ -277,9 +277,6 @@ def score_datasets(
     return scores
 
 
-FORECASTS = ("probe", "grad", "probe_act")  # scorers with a module of their own (gradients.py, probe.py)
-
-
 @dataclass
 class Forecasts:
     """The recipe's forecasting scorer's results by variant name."""
@@ -297,7 +294,7 @@ def forecast_scores(
     samples: dict[str, Sample],
     stats: dict[str, SourceStats],
 ) -> Forecasts:
-    """The recipe's forecasting scorer (`sts.score` in FORECASTS) on the target and every domain. `samples`
+    """The recipe's forecasting scorer (a `looks_ahead` scorer) on the target and every domain. `samples`
     and `stats`: each source's scoring sample and feature statistics, by name; the target's rows (all of
     them) are what the pilot fine-tune trains on and its sample what `grad`'s update is estimated from."""
     lm, sae = model.lm, model.sae

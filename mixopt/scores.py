@@ -30,6 +30,7 @@ class Scorer:
     reads_shift: bool  # depends on the shifted latents, so k and m move it (the validation sweep)
     selectable: bool = True  # a recipe may allocate by it (`random` is a control, never a forecast)
     signed: bool = False  # a signed forecast of the change (positive = worse), not a magnitude
+    looks_ahead: bool = False  # computed by a module of its own (gradients.py, probe.py), after the feature passes
 
 
 # THE list of scorers: recipes, pipeline, validation and sweep all read it.
@@ -44,9 +45,9 @@ SCORERS: dict[str, Scorer] = {
         Scorer("random", "random", "raw_act", sts=False, reads_shift=False, selectable=False),
         # forecasts (DESIGN.md 3b): a pilot fine-tune's loss change, the first-order loss change under the
         # target's update, and the `act` formula on the shift measured between the base and the pilot model
-        Scorer("probe", "probe", "raw_act", sts=False, reads_shift=False, signed=True),
-        Scorer("grad", "grad", "raw_act", sts=False, reads_shift=False, signed=True),
-        Scorer("probe_act", "probe_act", "raw_probe_act", sts=True, reads_shift=False),
+        Scorer("probe", "probe", "raw_act", sts=False, reads_shift=False, signed=True, looks_ahead=True),
+        Scorer("grad", "grad", "raw_act", sts=False, reads_shift=False, signed=True, looks_ahead=True),
+        Scorer("probe_act", "probe_act", "raw_probe_act", sts=True, reads_shift=False, looks_ahead=True),
     )
 }
 ScorerName = Literal["act", "act_sq", "icl", "raw", "similarity", "probe", "grad", "probe_act"]  # selectable
