@@ -44,7 +44,7 @@ from mixopt.recipe import GradSpec
 from mixopt.scores import Forecast, ForecastResult, ScorerCost, Transfer
 from mixopt.sts import name_seed
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: each entry keeps what computing it cost (seconds, backward tokens)
 Receiver = Callable[[str, torch.Tensor, torch.Tensor], None]  # (layer name, a (B, S, d_in), δ (B, S, d_out))
 
 
@@ -165,7 +165,7 @@ def only_trainable(model: nn.Module, weights: list[nn.Parameter]) -> Iterator[No
 def update_direction(
     lm: LoadedModel, layers: dict[str, nn.Linear], examples: list[Encoded], spec: GradSpec, seed: int
 ) -> tuple[dict[str, torch.Tensor], int]:
-    """(u per chosen weight, tokens it took) from the first `spec.batches` batches the trainer would draw
+    """(u per chosen weight, response tokens it differentiated) from the first `spec.batches` batches the trainer would draw
     (`step_batches`), each with the trainer's token-mean loss: `plain` g = mean of the batch gradients;
     `adam` g / (sqrt(v) + eps), v = mean of their squares (Adam's second moment, every batch weighted alike)."""
     names = list(layers)
@@ -182,7 +182,7 @@ def update_direction(
                 g[n] += grad.float() / len(batches)
                 if v:
                     v[n] += grad.float().square() / len(batches)
-    tokens = sum(len(examples[i]) for batch in batches for i in batch)
+    tokens = int(loss_tokens([examples[i] for batch in batches for i in batch]).sum())  # the trainer's unit
     if not v:
         return g, tokens
     return {n: g[n] / (v[n].sqrt() + spec.eps) for n in names}, tokens
@@ -256,7 +256,6 @@ def grad_forecast(
     and the cosines of the domains' gradient sketches (`transfer`; every source but `target`). `sources`
     holds each source's scoring examples, `target`'s being the rows its update is estimated from.
     Each source's pass is cached by the model, `spec`, seed, the target's and the source's exact token ids."""
-    started = time.perf_counter()
     layers = chosen_layers(lm.model, spec)
     sketcher = Sketcher.build(layers, spec.sketch, seed, lm.device)
     setting = {"v": CACHE_VERSION, "model": lm.identity, "dtype": str(lm.dtype), "seed": seed}
@@ -264,23 +263,27 @@ def grad_forecast(
     setting["target"] = loss_digest(sources[target])  # what u is estimated from
     update: dict[str, torch.Tensor] | None = None
     passes: dict[str, SourceGradients] = {}
-    backward_tokens = 0
+    seconds, backward_tokens = 0.0, 0  # what computing the passes cost, cached or not
     for name, examples in sources.items():
 
         def compute(name: str = name, examples: list[Encoded] = examples) -> dict[str, torch.Tensor]:
-            nonlocal update, backward_tokens
-            if update is None:  # only when some source is not cached
-                update, tokens = update_direction(lm, layers, sources[target], spec, seed)
-                backward_tokens += tokens
-            backward_tokens += sum(len(e) for e in examples)
-            return source_gradients(lm, layers, examples, update, sketcher, batch_tokens, f"grad {name}").to_tensors()
+            nonlocal update
+            started, tokens = time.perf_counter(), int(loss_tokens(examples).sum())
+            if update is None:  # only when some source is not cached; its cost goes to the first such source
+                update, update_tokens = update_direction(lm, layers, sources[target], spec, seed)
+                tokens += update_tokens
+            result = source_gradients(lm, layers, examples, update, sketcher, batch_tokens, f"grad {name}")
+            cost = {"seconds": torch.tensor(time.perf_counter() - started), "backward_tokens": torch.tensor(tokens)}
+            return result.to_tensors() | cost  # the cost stays with the entry: a cached run reports it too
 
         key = Digest().add(setting).add(loss_digest(examples)).hex(24)
         tensors, _ = cached_tensors("gradients", key, compute)
+        seconds += float(tensors.pop("seconds"))
+        backward_tokens += int(tensors.pop("backward_tokens"))
         passes[name] = SourceGradients(**tensors)
     forecasts = {name: _forecast(p, spec.lr) for name, p in passes.items()}
     domains = [name for name in sources if name != target]
-    cost = ScorerCost(seconds=time.perf_counter() - started, backward_tokens=backward_tokens)
+    cost = ScorerCost(seconds=seconds, backward_tokens=backward_tokens)
     return ForecastResult(forecasts, cost, transfer_matrix(domains, [passes[d].sketch for d in domains]))
 
 

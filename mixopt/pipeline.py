@@ -309,11 +309,10 @@ def forecast_scores(
     # so the pilot trains at most once and each is reported beside the other
     encoded = (encode_row(lm, row, spec.probe.max_length) for row in target.rows)
     pilot = probe.Pilot(lm, [e for e in encoded if any(e.response[1:])], spec.probe, seed)
-    started = time.perf_counter()
     losses = probe.probe_forecast(lm, pilot, examples, spec.batch_tokens)
     shift = probe.measured_shift(lm, pilot, sae, identity, examples[target.name], spec.batch_tokens)
     measured, raw = (probe.probe_act_forecast(shift, stats, spec.top_k, raw=r) for r in (False, True))
-    losses.cost = measured.cost = probe.pilot_cost(pilot, time.perf_counter() - started)
+    measured.cost = losses.cost  # the same pilot (probe_act's one extra pass on the target is not counted)
     shifted = sts.shifted_latents(shift.latents, spec.top_k) if spec.score == "probe_act" else None
     return Forecasts({"probe": losses, "probe_act": measured, "raw_probe_act": raw}, shifted)
 

@@ -38,7 +38,7 @@ from mixopt.model import LoadedModel
 from mixopt.recipe import ProbeSpec, ScheduleSpec
 from mixopt.scores import Forecast, ForecastResult, ScorerCost
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: each loss entry keeps the seconds computing it took
 
 
 def probe_schedule(spec: ProbeSpec) -> ScheduleSpec:
@@ -116,17 +116,21 @@ def example_losses(lm: LoadedModel, examples: list[Encoded], batch_tokens: int, 
     return (sums / counts).numpy()  # 0 / 0 = NaN for an example without loss tokens
 
 
-def _cached_losses(model_key: str, lm: Any, examples: list[Encoded], batch_tokens: int, desc: str) -> np.ndarray:
-    """`example_losses`, cached by the model's key and the exact ids; `lm` is a LoadedModel or a callable
-    that makes one (so a cached run never trains the pilot)."""
+def _cached_losses(
+    model_key: str, lm: Any, examples: list[Encoded], batch_tokens: int, desc: str
+) -> tuple[np.ndarray, float]:
+    """(`example_losses`, the seconds computing them took), cached by the model's key and the exact ids;
+    `lm` is a LoadedModel or a callable that makes one (so a cached run never trains the pilot)."""
     key = Digest().add({"v": CACHE_VERSION, "model": model_key}).add(loss_digest(examples))
 
     def compute() -> dict[str, torch.Tensor]:
         model = lm() if callable(lm) else lm
-        return {"loss": torch.from_numpy(example_losses(model, examples, batch_tokens, desc))}
+        started = time.perf_counter()  # after the pilot's training, which its own record times
+        losses = torch.from_numpy(example_losses(model, examples, batch_tokens, desc))
+        return {"loss": losses, "seconds": torch.tensor(time.perf_counter() - started)}
 
     tensors, _ = cached_tensors("probe", key.hex(24), compute)
-    return tensors["loss"].numpy()
+    return tensors["loss"].numpy(), float(tensors["seconds"])
 
 
 def probe_forecast(
@@ -134,17 +138,19 @@ def probe_forecast(
 ) -> ForecastResult:
     """The `probe` scorer: per source, its mean response-token loss after the pilot minus before, token-
     weighted over its scoring examples (positive = worse), and each example's own change."""
-    started = time.perf_counter()
     base_key = f"{lm.identity}|{lm.dtype}"
-    forecasts = {}
+    forecasts, seconds = {}, 0.0
     for name, examples in sources.items():
-        before = _cached_losses(base_key, lm, examples, batch_tokens, f"probe: {name} before")
-        after = _cached_losses(f"{pilot.key}|{lm.dtype}", pilot.loaded, examples, batch_tokens, f"probe: {name} after")
+        before, t0 = _cached_losses(base_key, lm, examples, batch_tokens, f"probe: {name} before")
+        after, t1 = _cached_losses(
+            f"{pilot.key}|{lm.dtype}", pilot.loaded, examples, batch_tokens, f"probe: {name} after"
+        )
+        seconds += t0 + t1
         change = np.nan_to_num(after - before)  # an example without loss tokens has weight 0 anyway
         tokens = loss_tokens(examples).numpy()
         value = float((change * tokens).sum() / max(tokens.sum(), 1))
         forecasts[name] = Forecast(value, [float(x) for x in change], [int(t) for t in tokens])
-    return ForecastResult(forecasts, pilot_cost(pilot, time.perf_counter() - started))
+    return ForecastResult(forecasts, pilot_cost(pilot, seconds))
 
 
 def measured_shift(
@@ -184,7 +190,8 @@ def probe_act_forecast(
     return ForecastResult(forecasts, ScorerCost())
 
 
-def pilot_cost(pilot: Pilot, seconds: float) -> ScorerCost:
-    """The scorer's wall time this run, and the pilot's training record (cached with it)."""
+def pilot_cost(pilot: Pilot, loss_seconds: float) -> ScorerCost:
+    """The scorer's cost, cached or not: the pilot's training (its record) plus the loss passes before and
+    after it (`loss_seconds`, each kept with its cached losses)."""
     record = pilot.record
-    return ScorerCost(seconds, record.steps, record.tokens, record.seconds)
+    return ScorerCost(record.seconds + loss_seconds, record.steps, record.tokens, record.seconds)

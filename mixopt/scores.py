@@ -94,11 +94,11 @@ class Forecast:
 class ScorerCost:
     """What a forecast cost, to weigh it against the fine-tune it forecasts (same machine)."""
 
-    seconds: float = 0.0  # wall time of this run's scorer work (near 0 when it came from the cache)
+    seconds: float = 0.0  # wall time the scorer's work took when computed (kept in the cache with its results)
     train_steps: int = 0  # optimizer steps of the pilot fine-tune (probe, probe_act)
     train_tokens: int = 0  # loss-bearing tokens the pilot trained on
     train_seconds: float = 0.0  # the pilot's training wall time (kept with its cached results)
-    backward_tokens: int = 0  # tokens through a forward and backward pass (grad)
+    backward_tokens: int = 0  # response tokens whose loss went through backward (grad; the trainer's unit)
 
 
 @dataclass
@@ -196,7 +196,7 @@ class Scores:
             c = self.cost
             pilot = f"; pilot fine-tune {c.train_steps} steps, {c.train_tokens:,} tokens, {c.train_seconds:.1f} s"
             lines.append(
-                f"cost of {self.score}: {c.seconds:.1f} s this run"
+                f"cost of {self.score}: {c.seconds:.1f} s of compute (as first computed; the cache keeps it)"
                 + (pilot if c.train_steps else "")
                 + (f"; {c.backward_tokens:,} tokens through backward" if c.backward_tokens else "")
             )

@@ -401,10 +401,15 @@ def test_validate__end_to_end_writes_correlations_plots_and_the_comparison(valid
 
 @pytest.fixture
 def trains_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Any fine-tune started under this fixture fails the test."""
+    """Any validation fine-tune started under this fixture fails the test (the `probe` scorer's pilot, a few
+    steps the sweep's probe settings train by design, is let through)."""
     import mixopt.finetune
 
-    def no_training(*args: object, **kwargs: object) -> None:
+    real = mixopt.finetune.finetune
+
+    def no_training(*args: object, **kwargs: object) -> object:
+        if str(kwargs.get("desc", "")).startswith("probe"):
+            return real(*args, **kwargs)  # type: ignore[arg-type]
         raise AssertionError("a fine-tune ran")
 
     monkeypatch.setattr(mixopt.finetune, "finetune", no_training)
@@ -434,7 +439,7 @@ def test_sweep__rescores_every_setting_without_training_and_agrees_with_the_repo
 ) -> None:
     from mixopt.validation.report import sweep_table
     from mixopt.validation.run import run_validation
-    from mixopt.validation.sweep import TOP_K, best_row
+    from mixopt.validation.sweep import PROBE_STEPS, TOP_K, best_row
 
     recipe, out = validated
     report = run_validation(load_validate_recipe(recipe), out, compare=True, sweep=True).report
@@ -442,7 +447,10 @@ def test_sweep__rescores_every_setting_without_training_and_agrees_with_the_repo
     rows = {(r["setting"], r["scorer"]): r for r in sweep["rows"]}
     expected = {f"top_k={k}" for k in TOP_K if k != 8}
     expected |= {"recipe", "demos=1", "demos=4", "score=icl", "tokens=content"}  # the default counts responses
+    expected |= {"score=grad,direction=plain", "score=grad,direction=adam"}
+    expected |= {f"score=probe,steps={n}" for n in PROBE_STEPS}
     assert {s for s, _ in rows} == expected
+    assert ("score=probe,steps=2", "probe_act") in rows and ("score=grad,direction=adam", "grad") in rows
     assert ("score=icl", "icl") in rows and ("recipe", "similarity") in rows
     pooled = report["correlations"][sweep["metric"]]["pooled"]["scores"]
     for scorer in ("act", "similarity", "random"):  # the recipe's own setting is the main report's numbers
@@ -465,6 +473,12 @@ def test_sweep__rescores_every_setting_without_training_and_agrees_with_the_repo
     primary = across[sweep["metric"]]  # the tiny run's primary metric is reliable
     assert primary["r"] == pytest.approx(best["within"]["abs"]["spearman"]["r"], nan_ok=True)
     assert primary["difference"] == pytest.approx(best["versus_reference"]["difference"], nan_ok=True)
+    verdict = sweep["verdict"]  # round 2's rule over the same rows: the tiny recipe counts responses already
+    assert verdict["reference"] == ["recipe", "similarity"] and len(verdict["rows"]) == len(sweep["rows"])
+    costs = {(r["setting"], r["scorer"]): r["cost"] for r in verdict["rows"]}
+    assert costs["recipe", "similarity"] is None and costs["score=probe,steps=1", "probe"]["tokens"] > 0
+    assert costs["score=probe,steps=1", "probe"]["tokens"] < costs["score=probe,steps=4", "probe"]["tokens"]
+    assert "verdict (docs/validation.md, round 2)" in sweep_table(sweep)
 
 
 def test_rescore__from_kept_evidence_reproduces_the_correlations_without_training(

@@ -193,6 +193,8 @@ def sweep_table(sweep: Record) -> str:
     ]
     best = best_row(sweep)
     lines.append(f"best within-source forecaster of |change|: {best['scorer']} at {best['setting']}; {_beats(best)}")
+    if sweep.get("verdict"):
+        lines += ["", verdict_table(sweep["verdict"])]
     if sweep.get("best_across_metrics"):
         lines.append(
             f"the same row on every reliable metric (within-source |change| Spearman; minus {reference}, paired; "
@@ -205,6 +207,36 @@ def sweep_table(sweep: Record) -> str:
                 f"{_rci({'r': v['difference'], 'ci': v['ci']})}  {v['share_not_above']:.3f}  {per_source}"
             )
     return "\n".join(lines)
+
+
+def verdict_table(verdict: Record) -> str:
+    """Round 2's rule (`validation.verdict`): every row on the signed criterion, its cost, and the outcome."""
+    setting, scorer = verdict["reference"]
+    rows = []
+    for r in sorted(verdict["rows"], key=lambda r: -np.nan_to_num(r["signed"]["r"], nan=-np.inf)):
+        cost = r["cost"]
+        rows.append(
+            [r["setting"], r["scorer"], _rci(r["signed"]), _rci(r["absolute"]), _rci(r["versus"])]
+            + [f"{cost['tokens']:.1%} / {cost['seconds']:.1%}" if cost else "-"]
+            + ["reverses" if r["reverses"] else "", "yes" if r["passes"] else ""]
+        )
+    header = ["setting", "scorer", "signed (worse +)", "|change|", f"minus {scorer}", "cost: tokens / time"]
+    chosen = verdict["default"]
+    outcome = (
+        f"the rule picks {chosen['scorer']} at {chosen['setting']}"
+        if chosen
+        else f"no row passes: the default stays {scorer} ({setting})"
+    )
+    return "\n".join(
+        [
+            f"verdict (docs/validation.md, round 2): within-source Spearman with the change in {verdict['metric']}, "
+            f"worse = positive; paired against the default {scorer} at {setting}; a row passes when that interval "
+            f"is above 0, it costs at most {verdict['max_cost_share']:.0%} of the fine-tune (training tokens and "
+            "time) and no other reliable metric reverses its sign",
+            render_table([*header, "sign flips", "passes"], rows, right={2, 3, 4, 5}),
+            outcome,
+        ]
+    )
 
 
 def _beats(row: Record) -> str:

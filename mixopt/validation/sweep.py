@@ -25,14 +25,20 @@ from mixopt.recipe import ValidateRecipe
 from mixopt.scores import SCORERS
 from mixopt.validation.analysis import Cells, Record, correlations
 from mixopt.validation.evidence import ValidationRun
+from mixopt.validation.verdict import CostShare, cost_share, judge, reference_setting
 from mixopt.validation.scoring import score_matrix, score_sources
 
 TOP_K = (10, 30, 100, 300, 1000)
 DEMOS = (1, 2, 4)
 ICL_DOMAIN_TOKENS = 3000
+PROBE_STEPS = (1, 2, 4, 8)  # the pilot's curve (docs/validation.md, round 2, rule 3)
+# the look-ahead scorers read a backward pass or two loss passes per domain: on FORECAST_DOMAIN_TOKENS per domain
+# (like `icl`) a CPU sweep of every setting fits a session; a GPU run can raise it to the recipe's domain_tokens
+FORECAST_DOMAIN_TOKENS = 3000
 TOKENS = ("content", "response")
 SHIFT_SCORERS = tuple(n for n, s in SCORERS.items() if s.reads_shift and n != "icl")  # k and m move these
 ALL_SCORERS = tuple(n for n in SCORERS if n != "icl")  # `icl` has a setting of its own (its extra passes)
+PROBE_SCORERS = ("probe", "probe_act")  # one pilot fine-tune measures both
 
 
 @dataclass
@@ -51,14 +57,35 @@ def settings(recipe: ValidateRecipe) -> list[Setting]:
         *(Setting(f"demos={m}", demos=m) for m in DEMOS if any(s.icl_demos != m for s in recipe.sources)),
         Setting("score=icl", {"score": "icl", "domain_tokens": ICL_DOMAIN_TOKENS}, scorers=("icl",)),
         *(Setting(f"tokens={t}", {"tokens": t}, scorers=ALL_SCORERS) for t in TOKENS if t != recipe.sts.tokens),
+        *forecast_settings(),
+    ]
+
+
+def forecast_settings() -> list[Setting]:
+    """The look-ahead scorers: `grad` with each update direction, `probe` (and `probe_act`, the same pilot)
+    at each step count of the curve."""
+    tokens = {"domain_tokens": FORECAST_DOMAIN_TOKENS}
+    return [
+        *(
+            Setting(f"score=grad,direction={d}", {"score": "grad", "grad": {"direction": d}, **tokens}, scorers=("grad",))
+            for d in ("plain", "adam")
+        ),
+        *(
+            Setting(f"score=probe,steps={n}", {"score": "probe", "probe": {"steps": n}, **tokens}, scorers=PROBE_SCORERS)
+            for n in PROBE_STEPS
+        ),
     ]
 
 
 def with_setting(recipe: ValidateRecipe, setting: Setting) -> ValidateRecipe:
+    """The recipe with the setting's `sts` overrides (nested sections merged, then validated again)."""
     sources = recipe.sources
     if setting.demos is not None:
         sources = [s.model_copy(update={"icl_demos": setting.demos}) for s in sources]
-    return recipe.model_copy(update={"sts": recipe.sts.model_copy(update=setting.sts), "sources": sources})
+    sts = recipe.sts.model_dump()
+    for key, value in setting.sts.items():
+        sts[key] = {**sts[key], **value} if isinstance(value, dict) else value
+    return recipe.model_copy(update={"sts": type(recipe.sts).model_validate(sts), "sources": sources})
 
 
 def run_sweep(run: ValidationRun, cells: Cells, metric: str, check_metrics: Sequence[str] = ()) -> Record:
@@ -76,13 +103,15 @@ def run_sweep(run: ValidationRun, cells: Cells, metric: str, check_metrics: Sequ
     reference: tuple[float, np.ndarray] | None = None  # the recipe scorer's within-source r and its draws
     matrices: dict[tuple[str, str], np.ndarray] = {}  # (setting, scorer) -> (sources, domains) scores
     draws_of = within_abs_spearman_draws(cells, metric, n_boot, seed)
+    costs: dict[str, CostShare | None] = {}  # setting -> its forecast's cost share (look-ahead settings)
     for setting in settings(recipe):  # the recipe's own setting comes first: it holds the reference
         if setting.name == "recipe":
-            matrix = run.matrix
+            scores, matrix = run.scores, run.matrix
         else:
             scored = with_setting(recipe, setting)
             scores = score_sources(scored, run.sources, run.domains, out / "sweep" / setting.name)
             matrix = score_matrix(scores, cells.sources, cells.domains)
+        costs[setting.name] = cost_share(scores, run.after)
         matrix = {k: v for k, v in matrix.items() if k in setting.scorers}
         result = correlations(cells, matrix, n_boot, seed)[metric]
         within = result["within"]["scores"]
@@ -102,6 +131,11 @@ def run_sweep(run: ValidationRun, cells: Cells, metric: str, check_metrics: Sequ
                 }
             sweep["rows"].append(row)
         write_json(out / "sweep" / "sweep.json", sweep, strict=True)  # the settings so far, should the sweep be stopped
+    default = reference_setting(recipe.sts.tokens)
+    if default in matrices:  # round 2's rule: which forecast becomes the default
+        verdict = judge(cells, matrices, costs, default, metric, check_metrics, n_boot, seed)
+        sweep["verdict"] = verdict.to_record()
+        write_json(out / "sweep" / "sweep.json", sweep, strict=True)
     best = best_row(sweep)
     if ("recipe", recipe.sts.score) in matrices:
         sweep["best_across_metrics"] = {

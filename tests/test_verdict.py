@@ -1,0 +1,97 @@
+"""Round 2's rule (mixopt.validation.verdict) against scipy and hand-built cases."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import stats as sps
+
+from mixopt import evaluate as ev
+from mixopt.validation.analysis import Cells
+from mixopt.validation.verdict import CostShare, judge, reference_setting, worse
+
+SOURCES, DOMAINS = 3, 12
+
+
+def cells_with(change: np.ndarray) -> Cells:
+    """Cells whose every metric's change is `change` (letter_mass is higher-is-better: its worse is -change)."""
+    shape = change.shape
+    delta = {m: change.copy() for m in ev.METRICS}
+    zeros = {m: np.zeros(shape) for m in ev.METRICS}
+    return Cells(
+        [f"s{i}" for i in range(shape[0])],
+        [f"d{j}" for j in range(shape[1])],
+        zeros,
+        delta,
+        delta,
+        zeros,
+        np.full(shape, 50),
+        {},
+    )
+
+
+def zscored(a: np.ndarray) -> np.ndarray:
+    return (a - a.mean(1, keepdims=True)) / a.std(1, keepdims=True)
+
+
+@pytest.fixture
+def setup() -> tuple[Cells, dict[tuple[str, str], np.ndarray]]:
+    rng = np.random.default_rng(0)
+    change = rng.normal(size=(SOURCES, DOMAINS))
+    matrices = {
+        ("tokens=response", "similarity"): rng.normal(size=change.shape),  # the default: unrelated to the change
+        ("score=probe,steps=8", "probe"): change + 0.05 * rng.normal(size=change.shape),  # forecasts it
+        ("score=probe,steps=2", "probe"): change + 0.10 * rng.normal(size=change.shape),  # forecasts it, cheaper
+        ("score=grad,direction=plain", "grad"): change + 0.05 * rng.normal(size=change.shape),  # but too costly
+        ("recipe", "random"): change.copy(),  # perfect, but never selectable
+    }
+    return cells_with(change), matrices
+
+
+def test_signed_criterion_equals_scipy_on_within_source_standardised_cells(setup):
+    cells, matrices = setup
+    costs = {"score=probe,steps=8": CostShare(0.05, 0.05), "score=probe,steps=2": CostShare(0.01, 0.02)}
+    verdict = judge(cells, matrices, costs, ("tokens=response", "similarity"), "cloze_nll", [], 200, 0)
+    rows = {(r.setting, r.scorer): r for r in verdict.rows}
+    for key, scores in matrices.items():
+        expected = sps.spearmanr(zscored(scores).ravel(), zscored(cells.delta["cloze_nll"]).ravel()).statistic
+        assert rows[key].signed.r == pytest.approx(expected)
+        magnitude = sps.spearmanr(zscored(scores).ravel(), zscored(np.abs(cells.delta["cloze_nll"])).ravel())
+        assert rows[key].absolute.r == pytest.approx(magnitude.statistic)
+    reference = rows["tokens=response", "similarity"]
+    assert reference.versus.r == 0 and reference.versus.ci == [0.0, 0.0]  # paired: the same resamples
+    assert not reference.passes
+
+
+def test_rule_picks_the_cheapest_probe_that_passes_and_never_a_costly_or_unselectable_row(setup):
+    cells, matrices = setup
+    costs = {
+        "score=probe,steps=8": CostShare(0.08, 0.09),
+        "score=probe,steps=2": CostShare(0.02, 0.03),
+        "score=grad,direction=plain": CostShare(0.5, 0.02),  # over 10% in training tokens
+    }
+    verdict = judge(cells, matrices, costs, ("tokens=response", "similarity"), "cloze_nll", [], 200, 0)
+    rows = {(r.setting, r.scorer): r for r in verdict.rows}
+    assert rows["score=probe,steps=8", "probe"].passes and rows["score=probe,steps=2", "probe"].passes
+    assert not rows["score=grad,direction=plain", "grad"].passes  # its interval is above 0, its cost is not
+    assert rows["score=grad,direction=plain", "grad"].versus.ci[0] > 0
+    assert not rows["recipe", "random"].passes
+    assert verdict.default is not None and verdict.default.setting == "score=probe,steps=2"
+
+
+def test_worse_is_positive_and_a_sign_flip_on_another_metric_blocks_the_win(setup):
+    cells, matrices = setup
+    assert np.array_equal(worse(cells, "letter_mass"), -cells.delta["letter_mass"])  # higher is better
+    assert np.array_equal(worse(cells, "cloze_nll"), cells.delta["cloze_nll"])
+    costs = {"score=probe,steps=8": CostShare(0.05, 0.05), "score=probe,steps=2": CostShare(0.01, 0.02)}
+    # the same raw change on letter_mass means the opposite direction of harm: every forecast reverses there
+    verdict = judge(cells, matrices, costs, ("tokens=response", "similarity"), "cloze_nll", ["letter_mass"], 200, 0)
+    probe = next(r for r in verdict.rows if r.setting == "score=probe,steps=2")
+    assert probe.checks["letter_mass"] == pytest.approx(-probe.signed.r)
+    assert probe.reverses and not probe.passes
+    assert verdict.default is None
+
+
+def test_reference_is_the_shipped_default_under_its_own_tokens():
+    assert reference_setting("content") == ("tokens=response", "similarity")
+    assert reference_setting("response") == ("recipe", "similarity")
