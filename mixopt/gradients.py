@@ -165,9 +165,10 @@ def only_trainable(model: nn.Module, weights: list[nn.Parameter]) -> Iterator[No
 def update_direction(
     lm: LoadedModel, layers: dict[str, nn.Linear], examples: list[Encoded], spec: GradSpec, seed: int
 ) -> tuple[dict[str, torch.Tensor], int]:
-    """(u per chosen weight, response tokens it differentiated) from the first `spec.batches` batches the trainer would draw
-    (`step_batches`), each with the trainer's token-mean loss: `plain` g = mean of the batch gradients;
-    `adam` g / (sqrt(v) + eps), v = mean of their squares (Adam's second moment, every batch weighted alike)."""
+    """(u per chosen weight, response tokens it differentiated) from the first `spec.batches` batches the
+    trainer would draw (`step_batches`), each with the trainer's token-mean loss: `plain` g = mean of the
+    batch gradients; `adam` g / (sqrt(v) + eps), v = mean of their squares (Adam's second moment, every
+    batch weighted alike)."""
     names = list(layers)
     weights = [layers[n].weight for n in names]
     g = {n: torch.zeros_like(layers[n].weight, dtype=torch.float32) for n in names}

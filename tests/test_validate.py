@@ -474,7 +474,7 @@ def test_sweep__rescores_every_setting_without_training_and_agrees_with_the_repo
     assert primary["r"] == pytest.approx(best["within"]["abs"]["spearman"]["r"], nan_ok=True)
     assert primary["difference"] == pytest.approx(best["versus_reference"]["difference"], nan_ok=True)
     verdict = sweep["verdict"]  # round 2's rule over the same rows: the tiny recipe counts responses already
-    assert verdict["reference"] == ["recipe", "similarity"] and len(verdict["rows"]) == len(sweep["rows"])
+    assert tuple(verdict["reference"]) == ("recipe", "similarity") and len(verdict["rows"]) == len(sweep["rows"])
     costs = {(r["setting"], r["scorer"]): r["cost"] for r in verdict["rows"]}
     assert costs["recipe", "similarity"] is None and costs["score=probe,steps=1", "probe"]["tokens"] > 0
     assert costs["score=probe,steps=1", "probe"]["tokens"] < costs["score=probe,steps=4", "probe"]["tokens"]

@@ -25,8 +25,8 @@ from mixopt.recipe import ValidateRecipe
 from mixopt.scores import SCORERS
 from mixopt.validation.analysis import Cells, Record, correlations
 from mixopt.validation.evidence import ValidationRun
-from mixopt.validation.verdict import CostShare, cost_share, judge, reference_setting
 from mixopt.validation.scoring import score_matrix, score_sources
+from mixopt.validation.verdict import CostShare, cost_share, judge, reference_setting
 
 TOP_K = (10, 30, 100, 300, 1000)
 DEMOS = (1, 2, 4)
@@ -67,11 +67,15 @@ def forecast_settings() -> list[Setting]:
     tokens = {"domain_tokens": FORECAST_DOMAIN_TOKENS}
     return [
         *(
-            Setting(f"score=grad,direction={d}", {"score": "grad", "grad": {"direction": d}, **tokens}, scorers=("grad",))
+            Setting(
+                f"score=grad,direction={d}", {"score": "grad", "grad": {"direction": d}, **tokens}, scorers=("grad",)
+            )
             for d in ("plain", "adam")
         ),
         *(
-            Setting(f"score=probe,steps={n}", {"score": "probe", "probe": {"steps": n}, **tokens}, scorers=PROBE_SCORERS)
+            Setting(
+                f"score=probe,steps={n}", {"score": "probe", "probe": {"steps": n}, **tokens}, scorers=PROBE_SCORERS
+            )
             for n in PROBE_STEPS
         ),
     ]

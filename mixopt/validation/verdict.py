@@ -168,9 +168,7 @@ def judge(
         )
     passing = [row for row in rows if row.passes]
     probes = [row for row in passing if _probe_steps(row.setting) is not None]
-    if probes:
-        default = min(probes, key=lambda row: (_probe_steps(row.setting), -row.signed.r))
-    else:
-        default = max(passing, key=lambda row: row.signed.r, default=None)
+    default: Row | None = max(passing, key=lambda row: row.signed.r, default=None)
+    if probes:  # the cheapest step count that passes
+        default = min(probes, key=lambda row: (_probe_steps(row.setting) or 0, -row.signed.r))
     return Verdict(metric, reference, rows, default)
-
