@@ -270,9 +270,17 @@ def output_dir(recipe: Any) -> Path:
 @click.option(
     "--sweep",
     is_flag=True,
-    help="Also re-score under each open setting (top_k, demonstrations, the icl variant, which tokens count) "
-    "and rank them; "
-    "trains nothing more.",
+    help="Also re-score under each open setting (top_k, demonstrations, the icl variant, which tokens count, "
+    "grad's update direction, probe's pilot steps), rank them and apply docs/validation.md's round-2 rule "
+    "(which forecast becomes the default); fine-tunes nothing but probe's short pilots.",
+)
+@click.option(
+    "--sweep-only",
+    metavar="GLOB",
+    multiple=True,
+    help="Sweep only the settings whose names match this glob (repeatable; the recipe's own setting always "
+    "runs), e.g. --sweep-only 'tokens=*' --sweep-only 'score=*'; names: recipe, top_k=K, demos=M, score=icl, "
+    "tokens=T, score=grad,direction=D, score=probe,steps=N.",
 )
 @click.option(
     "--rescore",
@@ -297,6 +305,7 @@ def validate(
     out: Path | None,
     compare_mixtures: bool,
     sweep: bool,
+    sweep_only: tuple[str, ...],
     rescore: bool,
     evidence_from: Path | None,
     keep: Path | None,
@@ -312,7 +321,7 @@ def validate(
     \b
     e.g. mixopt validate recipes/validate-mmlu.yaml
          mixopt validate recipes/validate-mmlu.yaml --out runs/v --compare-mixtures
-         mixopt validate recipes/validate-mmlu.yaml --sweep      (after a run: which k, m, variant)
+         mixopt validate recipes/validate-mmlu.yaml --sweep      (after a run: which k, m, variant, forecast)
          mixopt validate recipes/validate-mmlu.yaml --rescore --from docs/validation   (no fine-tune)
     """
     from mixopt.recipe import load_validate_recipe
@@ -326,7 +335,8 @@ def validate(
         click.echo(
             f"restored {len(restored)} measurements from {evidence_from}: {', '.join(restored) or '-'}", err=True
         )
-    result = run_validation(spec, folder, compare=compare_mixtures, sweep=sweep, rescore=rescore)
+    sweep = sweep or bool(sweep_only)
+    result = run_validation(spec, folder, compare=compare_mixtures, sweep=sweep, rescore=rescore, only=sweep_only)
     if keep is not None:
         kept = evidence.keep(folder, keep)
         click.echo(f"kept {len(kept)} files in {keep}", err=True)

@@ -95,3 +95,21 @@ def test_worse_is_positive_and_a_sign_flip_on_another_metric_blocks_the_win(setu
 def test_reference_is_the_shipped_default_under_its_own_tokens():
     assert reference_setting("content") == ("tokens=response", "similarity")
     assert reference_setting("response") == ("recipe", "similarity")
+
+
+def test_sweep_only_keeps_the_recipe_setting_and_the_matching_ones():
+    from pathlib import Path
+
+    from mixopt.recipe import load_validate_recipe
+    from mixopt.validation.sweep import PROBE_STEPS, settings
+
+    recipe = load_validate_recipe(Path(__file__).parents[1] / "recipes" / "validate-mmlu.yaml")
+    every = [s.name for s in settings(recipe)]
+    assert every[0] == "recipe" and len(every) == len(set(every))
+    chosen = [s.name for s in settings(recipe, ["score=probe*", "tokens=*"])]
+    assert chosen == ["recipe", "tokens=response", *(f"score=probe,steps={n}" for n in PROBE_STEPS)]
+    probe = next(s for s in settings(recipe, ["score=probe,steps=2"]) if s.name != "recipe")
+    from mixopt.validation.sweep import with_setting
+
+    spec = with_setting(recipe, probe).sts  # nested sections merged and validated, the rest kept
+    assert (spec.score, spec.probe.steps, spec.probe.lr, spec.domain_tokens) == ("probe", 2, recipe.sts.probe.lr, 3000)

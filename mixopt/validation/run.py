@@ -80,12 +80,17 @@ def measure_all(run: ValidationRun) -> None:
 
 
 def run_validation(
-    recipe: ValidateRecipe, out: Path, compare: bool = False, sweep: bool = False, rescore: bool = False
+    recipe: ValidateRecipe,
+    out: Path,
+    compare: bool = False,
+    sweep: bool = False,
+    rescore: bool = False,
+    only: tuple[str, ...] = (),
 ) -> ValidationResult:
     """The whole closed loop; writes OUT/validation.json and OUT/plots, returns the report.
     `compare`: also fine-tune the mixtures (`validation.compare`); `sweep`: re-score under each open setting
     of the design (`validation.sweep`); `rescore`: score again, but read every measurement back (an error if
-    one is missing): the same fine-tunes judge a new scorer."""
+    one is missing): the same fine-tunes judge a new scorer. `only`: the sweep's settings matching these globs."""
     started = time.perf_counter()
     run = prepare(recipe, out)
     run.recorded_only = rescore
@@ -116,7 +121,7 @@ def run_validation(
         from mixopt.validation.sweep import run_sweep
 
         t = time.perf_counter()
-        report["sweep"] = run_sweep(run, cells, primary_metric(report), reliable_metrics(report))
+        report["sweep"] = run_sweep(run, cells, primary_metric(report), reliable_metrics(report), only)
         run.timings["sweep"] = time.perf_counter() - t
     run.timings["total"] = time.perf_counter() - started
     report["timings"] = {k: round(v, 1) for k, v in run.timings.items()}

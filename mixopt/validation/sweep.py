@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase as fnmatch
 from typing import Any
 
 import numpy as np
@@ -49,9 +50,10 @@ class Setting:
     scorers: tuple[str, ...] = SHIFT_SCORERS  # which scorers this setting can move
 
 
-def settings(recipe: ValidateRecipe) -> list[Setting]:
-    """The recipe's own setting (with every scorer), then k, m and the `icl` variant one at a time."""
-    return [
+def settings(recipe: ValidateRecipe, only: Sequence[str] = ()) -> list[Setting]:
+    """The recipe's own setting (with every scorer), then k, m, the `icl` variant, the tokens and the look-ahead
+    forecasts one at a time; `only`: just those whose names match one of these globs (and the recipe's own)."""
+    every = [
         Setting("recipe", scorers=ALL_SCORERS),
         *(Setting(f"top_k={k}", {"top_k": k}) for k in TOP_K if k != recipe.sts.top_k),
         *(Setting(f"demos={m}", demos=m) for m in DEMOS if any(s.icl_demos != m for s in recipe.sources)),
@@ -59,6 +61,7 @@ def settings(recipe: ValidateRecipe) -> list[Setting]:
         *(Setting(f"tokens={t}", {"tokens": t}, scorers=ALL_SCORERS) for t in TOKENS if t != recipe.sts.tokens),
         *forecast_settings(),
     ]
+    return [s for s in every if s.name == "recipe" or not only or any(fnmatch(s.name, g) for g in only)]
 
 
 def forecast_settings() -> list[Setting]:
@@ -92,7 +95,9 @@ def with_setting(recipe: ValidateRecipe, setting: Setting) -> ValidateRecipe:
     return recipe.model_copy(update={"sts": type(recipe.sts).model_validate(sts), "sources": sources})
 
 
-def run_sweep(run: ValidationRun, cells: Cells, metric: str, check_metrics: Sequence[str] = ()) -> Record:
+def run_sweep(
+    run: ValidationRun, cells: Cells, metric: str, check_metrics: Sequence[str] = (), only: Sequence[str] = ()
+) -> Record:
     """{metric, reference, rows: [{setting, scorer, pooled, within, versus_reference}]}: each row's
     correlations with |change| and change of `metric`, pooled over the cells and standardised within each
     source (validate.correlations), and its within-source |change| Spearman minus the reference's (the
@@ -100,7 +105,8 @@ def run_sweep(run: ValidationRun, cells: Cells, metric: str, check_metrics: Sequ
     setting only beats the default when that interval excludes 0.
     The run's own score matrix is the `recipe` setting's (not scored again).
     `check_metrics`: the best row is compared with the reference on each of these metrics too
-    (`best_across_metrics`): one win among many rows is only worth a default if it holds elsewhere."""
+    (`best_across_metrics`): one win among many rows is only worth a default if it holds elsewhere.
+    `only`: globs over the settings' names (`fnmatch`); the recipe's own setting always runs."""
     recipe, out = run.recipe, run.out
     n_boot, seed = recipe.evaluation.bootstrap, recipe.seed
     sweep: Record = {"metric": metric, "reference": recipe.sts.score, "rows": []}
@@ -108,7 +114,7 @@ def run_sweep(run: ValidationRun, cells: Cells, metric: str, check_metrics: Sequ
     matrices: dict[tuple[str, str], np.ndarray] = {}  # (setting, scorer) -> (sources, domains) scores
     draws_of = within_abs_spearman_draws(cells, metric, n_boot, seed)
     costs: dict[str, CostShare | None] = {}  # setting -> its forecast's cost share (look-ahead settings)
-    for setting in settings(recipe):  # the recipe's own setting comes first: it holds the reference
+    for setting in settings(recipe, only):  # the recipe's own setting comes first: it holds the reference
         if setting.name == "recipe":
             scores, matrix = run.scores, run.matrix
         else:
