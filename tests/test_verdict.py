@@ -101,7 +101,7 @@ def test_sweep_only_keeps_the_recipe_setting_and_the_matching_ones():
     from pathlib import Path
 
     from mixopt.recipe import load_validate_recipe
-    from mixopt.validation.sweep import PROBE_STEPS, settings
+    from mixopt.validation.sweep import FORECAST_DOMAIN_TOKENS, PROBE_STEPS, settings
 
     recipe = load_validate_recipe(Path(__file__).parents[1] / "recipes" / "validate-mmlu.yaml")
     every = [s.name for s in settings(recipe)]
@@ -112,4 +112,4 @@ def test_sweep_only_keeps_the_recipe_setting_and_the_matching_ones():
     from mixopt.validation.sweep import with_setting
 
     spec = with_setting(recipe, probe).sts  # nested sections merged and validated, the rest kept
-    assert (spec.score, spec.probe.steps, spec.probe.lr, spec.domain_tokens) == ("probe", 2, recipe.sts.probe.lr, 3000)
+    assert (spec.score, spec.probe.steps, spec.probe.lr, spec.domain_tokens) == ("probe", 2, recipe.sts.probe.lr, FORECAST_DOMAIN_TOKENS)

@@ -33,9 +33,11 @@ TOP_K = (10, 30, 100, 300, 1000)
 DEMOS = (1, 2, 4)
 ICL_DOMAIN_TOKENS = 3000
 PROBE_STEPS = (1, 2, 4, 8)  # the pilot's curve (docs/validation.md, round 2, rule 3)
-# the look-ahead scorers read a backward pass or two loss passes per domain: on FORECAST_DOMAIN_TOKENS per domain
-# (like `icl`) a CPU sweep of every setting fits a session; a GPU run can raise it to the recipe's domain_tokens
-FORECAST_DOMAIN_TOKENS = 3000
+# the look-ahead scorers read a full forward + backward (grad) or two full forwards (probe) per domain and target:
+# ~50 tokens/s on one busy CPU core, 33 min per source at 3,000 tokens per domain. On FORECAST_DOMAIN_TOKENS
+# (about 10 MCQ items per domain) the CPU sweep of every setting fits a few hours; it handicaps the forecasts
+# against the STS passes (10,000 tokens), and a GPU run should raise it to the recipe's domain_tokens.
+FORECAST_DOMAIN_TOKENS = 1000
 TOKENS = ("content", "response")
 SHIFT_SCORERS = tuple(n for n, s in SCORERS.items() if s.reads_shift and n != "icl")  # k and m move these
 ALL_SCORERS = tuple(n for n in SCORERS if n != "icl")  # `icl` has a setting of its own (its extra passes)
