@@ -171,6 +171,28 @@ def test_rows__a_row_that_cannot_render_names_file_row_and_column(
     _plan_refused(recipe, ws.parent / "run", r"data/bad\.jsonl", pattern, r"on_bad_row: skip")
 
 
+def test_check__reads_rows_once_until_the_recipe_or_a_data_file_changes(
+    ws: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The data checks are cached by the recipe's content and each file's size and mtime: a second check
+    reads no row, and an edited file is read again (and its bad row found)."""
+    import mixopt.checks
+
+    good = {"text": "fine"}
+    data = ws.parent / "data" / "edited.jsonl"
+    _write_rows(data, [good] * 30)
+    recipe = _edit(ws, lambda r: r["domains"][0].update(source={"path": "data/edited.jsonl"}, text="{text}"))
+    assert _invoke("check", recipe).exit_code == 0
+    read = mixopt.checks._read_data
+    calls: list[object] = []
+    monkeypatch.setattr(mixopt.checks, "_read_data", lambda r: calls.append(r) or read(r))
+    assert _invoke("check", recipe).exit_code == 0 and calls == []  # nothing changed: no row read
+    _write_rows(data, [good] * 3 + [{"text": None}] + [good] * 26)
+    check = _invoke("check", recipe)
+    assert len(calls) == 1 and check.exit_code == 2 and "row 4: {text} is null or missing" in check.stderr
+    assert _invoke("check", recipe).exit_code == 2 and len(calls) == 1  # the problem itself is remembered
+
+
 def test_rows__on_bad_row_skip_leaves_them_out_counts_them_and_a_later_run_cleans_stale_stages(ws: Path) -> None:
     """One real plan run checks two classes: skipped bad rows (never 'None' in the mixture, counted in the
     manifest) and temp folders of killed runs (dead pid: removed; live pid: kept)."""

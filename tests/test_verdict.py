@@ -112,4 +112,9 @@ def test_sweep_only_keeps_the_recipe_setting_and_the_matching_ones():
     from mixopt.validation.sweep import with_setting
 
     spec = with_setting(recipe, probe).sts  # nested sections merged and validated, the rest kept
-    assert (spec.score, spec.probe.steps, spec.probe.lr, spec.domain_tokens) == ("probe", 2, recipe.sts.probe.lr, FORECAST_DOMAIN_TOKENS)
+    assert (spec.score, spec.probe.steps, spec.probe.lr, spec.domain_tokens) == (
+        "probe",
+        2,
+        recipe.sts.probe.lr,
+        FORECAST_DOMAIN_TOKENS,
+    )
