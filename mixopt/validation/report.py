@@ -221,6 +221,12 @@ def verdict_table(verdict: Record) -> str:
             + ["reverses" if r["reverses"] else "", "yes" if r["passes"] else ""]
         )
     header = ["setting", "scorer", "signed (worse +)", "|change|", f"minus {scorer}", "cost: tokens / time"]
+    shipped = tuple(verdict.get("shipped_default") or verdict["reference"])
+    stand_in = (
+        f" (a stand-in: the shipped default is {shipped[1]} at {shipped[0]}, a setting this sweep did not run)"
+        if shipped != tuple(verdict["reference"])
+        else ""
+    )
     chosen = verdict["default"]
     outcome = (
         f"the rule picks {chosen['scorer']} at {chosen['setting']}"
@@ -230,9 +236,9 @@ def verdict_table(verdict: Record) -> str:
     return "\n".join(
         [
             f"verdict (docs/validation.md, round 2): within-source Spearman with the change in {verdict['metric']}, "
-            f"worse = positive; paired against the default {scorer} at {setting}; a row passes when that interval "
-            f"is above 0, it costs at most {verdict['max_cost_share']:.0%} of the fine-tune (training tokens and "
-            "time) and no other reliable metric reverses its sign",
+            f"worse = positive; paired against the default {scorer} at {setting}{stand_in}; a row passes when "
+            f"that interval is above 0, it costs at most {verdict['max_cost_share']:.0%} of the fine-tune "
+            "(training tokens and time) and no other reliable metric reverses its sign",
             render_table([*header, "sign flips", "passes"], rows, right={2, 3, 4, 5}),
             outcome,
         ]
