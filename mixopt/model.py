@@ -53,8 +53,10 @@ class LoadedModel:
 
 
 def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "auto":  # under torchrun / accelerate launch: this rank's own GPU
+        from mixopt.distributed import local_device
+
+        return local_device()
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ModelError(f"model.device is '{device}' but CUDA is not available here; use 'auto' or 'cpu'")
     return torch.device(device)

@@ -1,0 +1,199 @@
+"""Scoring on torch.distributed: 2 gloo ranks on the CPU give the scores of one process, a rank that raises
+fails the run in one line with nothing half-written.
+
+The ranks are forked from the test process (modules already imported, so a run costs its compute, not
+two interpreters' imports) and run the real command line, `mixopt score`, as torchrun would: RANK,
+WORLD_SIZE, MASTER_ADDR and MASTER_PORT in the environment, one thread each. `test_torchrun__...` (slow)
+launches the command through torchrun itself."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from mixopt.cli import cli
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _rank_main(rank: int, world: int, port: int, cache: str, args: list[str], patch: Callable[[int], None]) -> None:
+    """One rank: torchrun's environment, one thread, then `mixopt ARGS`; exits with the command's status."""
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
+    os.environ["MIXOPT_CACHE"] = cache
+    torch.set_num_threads(1)  # as torchrun sets OMP_NUM_THREADS=1; a forked pool must not be reused
+    patch(rank)
+    try:
+        cli.main(args, prog_name="mixopt")  # click exits with the command's status
+    except SystemExit as done:
+        os._exit(done.code if isinstance(done.code, int) else 1)
+    os._exit(0)
+
+
+def run_ranks(world: int, cache: Path, args: list[str], patch: Callable[[int], None] = lambda rank: None) -> list[int]:
+    """Fork `world` ranks running `mixopt ARGS`; their exit codes, in rank order."""
+    context = multiprocessing.get_context("fork")
+    port = _free_port()
+    ranks = [context.Process(target=_rank_main, args=(r, world, port, str(cache), args, patch)) for r in range(world)]
+    for process in ranks:
+        process.start()
+    for process in ranks:
+        process.join(timeout=120)
+        if process.is_alive():  # a hang is a failure, not a stuck test run
+            process.kill()
+            process.join()
+    return [process.exitcode if process.exitcode is not None else -9 for process in ranks]
+
+
+def one_process(cache: Path, args: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """`mixopt ARGS` in this process with one thread and its own cache (the ranks' reference)."""
+    monkeypatch.setenv("MIXOPT_CACHE", str(cache))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = CliRunner().invoke(cli, args)
+    finally:
+        torch.set_num_threads(threads)
+    assert result.exit_code == 0, result.output
+
+
+def _numbers(node: object, path: str = "") -> dict[str, float]:
+    """Every number in a JSON tree by its path (scores.json: scores, intervals, per-example values)."""
+    if isinstance(node, dict):
+        return {k: v for key, value in node.items() for k, v in _numbers(value, f"{path}.{key}").items()}
+    if isinstance(node, list):
+        return {k: v for i, value in enumerate(node) for k, v in _numbers(value, f"{path}[{i}]").items()}
+    if isinstance(node, bool) or not isinstance(node, int | float):
+        return {}
+    return {path: float(node)}
+
+
+def assert_same_scores(a: Path, b: Path, skip: tuple[str, ...] = ("cost",)) -> None:
+    """Same structure and strings; numbers equal to float64 summation tolerance (rtol 1e-9)."""
+    left, right = (json.loads(p.read_text()) for p in (a, b))
+    for name in skip:
+        left.pop(name, None), right.pop(name, None)
+    x, y = _numbers(left), _numbers(right)
+    assert x.keys() == y.keys()
+    keys = sorted(x)
+    np.testing.assert_allclose([y[k] for k in keys], [x[k] for k in keys], rtol=1e-9, atol=1e-12)
+    strip = lambda node: json.loads(json.dumps(node), parse_float=lambda _: 0.0, parse_int=lambda _: 0)  # noqa: E731
+    assert strip(left) == strip(right)  # names, domains, order
+
+
+def _recipe_with(workspace: Path, root: Path, sts: str) -> Path:
+    """The workspace's recipe, with its own copy under `root` and `sts:` replaced by `sts`."""
+    shutil.copytree(workspace.parent, root, dirs_exist_ok=True)
+    recipe = root / workspace.name
+    lines = [f"sts: {sts}" if line.startswith("sts:") else line for line in recipe.read_text().splitlines()]
+    recipe.write_text("\n".join(lines) + "\n")
+    return recipe
+
+
+def test_two_ranks__give_the_scores_json_of_one_process(workspace: Path, tmp_path: Path, monkeypatch) -> None:
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    one_process(tmp_path / "cache-1", ["score", str(workspace), "--out", str(one)], monkeypatch)
+    codes = run_ranks(2, tmp_path / "cache-2", ["score", str(workspace), "--out", str(two)])
+    assert codes == [0, 0]
+    assert_same_scores(one, two)
+    # rank 0 wrote the cache the same entries as one process, and a second 2-rank run reads them
+    entries = sorted(p.name for p in (tmp_path / "cache-1" / "features").iterdir())
+    assert sorted(p.name for p in (tmp_path / "cache-2" / "features").iterdir()) == entries
+    again = tmp_path / "again.json"
+    assert run_ranks(2, tmp_path / "cache-2", ["score", str(workspace), "--out", str(again)]) == [0, 0]
+    assert again.read_bytes() == two.read_bytes()
+
+
+@pytest.mark.parametrize("scorer", ["grad", "probe"])
+def test_two_ranks__shard_the_look_ahead_scorers_too(
+    scorer: str, workspace: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    grad = "grad: {batches: 2, batch_size: 4, blocks: 1, sketch: 4}"
+    settings = f"{{score: {scorer}, top_k: 8, target_tokens: 200, domain_tokens: 120, batch_tokens: 128, "
+    recipe = _recipe_with(workspace, tmp_path / "ws", settings + f"bootstrap: 20, probe: {{steps: 2}}, {grad}}}")
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    one_process(tmp_path / "cache-1", ["score", str(recipe), "--out", str(one)], monkeypatch)
+    assert run_ranks(2, tmp_path / "cache-2", ["score", str(recipe), "--out", str(two)]) == [0, 0]
+    # grad: every rank computes u alike and its examples' alignments exactly; the domains' sketches (the
+    # transfer matrix) are float32 sums added in another order. probe: rank 0 trains, the others take its weights
+    assert json.loads(two.read_text())["score"] == scorer
+    assert_same_scores(one, two, skip=("cost", "transfer"))
+    if scorer == "grad":
+        matrices = [json.loads(p.read_text())["transfer"]["matrix"] for p in (one, two)]
+        np.testing.assert_allclose(matrices[1], matrices[0], atol=1e-5)
+
+
+def _fail_in_rank_1(call: int) -> Callable[[int], None]:
+    """A patch that makes rank 1 raise in its `call`-th forward batch (a stand-in for a crashing rank)."""
+
+    def patch(rank: int) -> None:
+        from mixopt import features
+
+        if rank != 1:
+            return
+        real, calls = features._encode_counted, [0]
+
+        def failing(*args, **kwargs):
+            calls[0] += 1
+            if calls[0] == call:
+                raise RuntimeError("injected failure on rank 1")
+            return real(*args, **kwargs)
+
+        features._encode_counted = failing
+
+    return patch
+
+
+def test_a_rank_that_raises__fails_the_run_in_one_line_and_leaves_no_half_written_cache(
+    workspace: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    out, cache = tmp_path / "scores.json", tmp_path / "cache"
+    codes = run_ranks(2, cache, ["score", str(workspace), "--out", str(out)], patch=_fail_in_rank_1(4))
+    err = capfd.readouterr().err
+    assert codes[1] == 2 and codes[0] != 0
+    assert "error: rank 1 of 2 failed: RuntimeError: injected failure on rank 1; nothing was written" in err
+    assert "error: rank 0 of 2: lost the other ranks during" in err  # the other rank says why it stopped too
+    assert not out.exists()
+    written = list((cache / "features").iterdir()) if (cache / "features").exists() else []
+    assert not [p for p in written if p.suffix == ".tmp"]  # no half-written entry
+    from safetensors.torch import load_file
+
+    for entry in written:  # what is there is whole: the passes that finished before the failure
+        assert load_file(entry)
+
+
+@pytest.mark.slow
+def test_torchrun__two_ranks_through_the_launcher_give_the_scores_of_one_process(workspace: Path, tmp_path: Path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    for cache, command in [
+        ("cache-1", [sys.executable, "-m", "mixopt"]),
+        ("cache-2", [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "mixopt"]),
+    ]:
+        out = one if cache == "cache-1" else two
+        run = subprocess.run(
+            [*command, "score", str(workspace), "--out", str(out)],
+            env={**env, "MIXOPT_CACHE": str(tmp_path / cache)},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert run.returncode == 0, run.stderr[-3000:]
+    assert_same_scores(one, two)
