@@ -190,7 +190,9 @@ def _encode_counted(
     # No attention mask: rows are right-padded, so under the causal mask real tokens never see padding,
     # and SDPA's is_causal path is faster than an explicit mask (padding outputs are dropped below).
     resid = residual_stream(lm.model, input_ids, None, layer, prefix)  # (batch, seq, d_model)
-    h = resid[mask.to(lm.device)]  # (counted tokens, d_model), row-major: aligned across ICL/zero-shot
+    # (counted tokens, d_model), row-major: aligned across ICL/zero-shot; onto the SAE's device (a model spread
+    # over GPUs by `placement` hands block L's output over on that block's GPU)
+    h = resid[mask.to(resid.device)].to(lm.device)
     with torch.inference_mode():
         return h.float(), sae.encode(h.float()).float()  # (tokens, d_model), (tokens, d_sae)
 

@@ -297,7 +297,10 @@ def forecast_scores(
     """The recipe's forecasting scorer (a `looks_ahead` scorer) on the target and every domain. `samples`
     and `stats`: each source's scoring sample and feature statistics, by name; the target's rows (all of
     them) are what the pilot fine-tune trains on and its sample what `grad`'s update is estimated from."""
+    from mixopt.placement import require_one_device
+
     lm, sae = model.lm, model.sae
+    require_one_device(lm.model, f"sts.score: {spec.score}")
     examples = {name: sample.examples for name, sample in samples.items()}
     if spec.score == "grad":
         from mixopt.gradients import grad_forecast
