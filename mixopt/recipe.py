@@ -57,6 +57,7 @@ class SourceSpec(Section):
     split: str | None = None  # hub split, or the split of a saved DatasetDict; default "train"
     format: Literal["auto", "json", "csv", "parquet", "arrow"] = "auto"
     columns: list[str] | None = None  # names for a header-less CSV (e.g. MMLU)
+    streaming: bool = False  # read only the first `max_examples` rows (datasets' IterableDataset), never the rest
 
     @model_validator(mode="after")
     def _one_location(self) -> SourceSpec:
@@ -82,6 +83,13 @@ class SourceSpec(Section):
             else:
                 paths.append(full.resolve())
         return paths
+
+
+def _capped(source: SourceSpec, max_examples: int | None) -> None:
+    """A streamed source is read up to `max_examples` rows: without a cap a run would read all of it."""
+    if source.streaming and max_examples is None:
+        message = "source.streaming reads only the first max_examples rows; set max_examples (e.g. 10000)"
+        raise FieldProblems([(("max_examples",), message)])
 
 
 # A template field is a column, optionally indexed (`{choices[0]}`): str.format would also evaluate
@@ -188,6 +196,7 @@ class TargetSpec(TextTemplates):
     def _chat(self) -> TargetSpec:
         if not self.is_chat:
             raise ValueError("the target needs 'prompt' and 'response' templates (what the model is trained on)")
+        _capped(self.source, self.max_examples)
         return self
 
 
@@ -208,6 +217,7 @@ class DomainSpec(TextTemplates):
             raise ValueError(
                 f"min_share {self.min_share:g} > max_share {self.max_share:g}; lower min_share or raise max_share"
             )
+        _capped(self.source, self.max_examples)
         return self
 
 
@@ -394,6 +404,11 @@ class CorpusSpec(TextTemplates):
 
     source: SourceSpec
     max_examples: Annotated[int, Field(gt=0)] | None = None
+
+    @model_validator(mode="after")
+    def _streamed(self) -> CorpusSpec:
+        _capped(self.source, self.max_examples)
+        return self
 
 
 class SAEArchitectureSpec(Section):

@@ -197,3 +197,76 @@ def test_torchrun__two_ranks_through_the_launcher_give_the_scores_of_one_process
         )
         assert run.returncode == 0, run.stderr[-3000:]
     assert_same_scores(one, two)
+
+
+# ------------------------------------------------------------------------------------------- streaming
+
+
+def _streamed_workspace(workspace: Path, root: Path, cap: int) -> Path:
+    """The workspace with domain `law` read as a stream of 1,000 rows, capped at `cap`."""
+    recipe = _recipe_with(workspace, root, "{top_k: 8, target_tokens: 300, domain_tokens: 200, batch_tokens: 256}")
+    (root / "data" / "law.jsonl").write_text(
+        "".join(
+            json.dumps({"text": f"The court held that clause {i} of the contract was void."}) + "\n"
+            for i in range(1000)
+        )
+    )
+    text = recipe.read_text().replace(
+        "source: {path: data/law.jsonl}", f"source: {{path: data/law.jsonl, streaming: true}}, max_examples: {cap}"
+    )
+    recipe.write_text(text)
+    return recipe
+
+
+def test_a_streamed_source_with_a_cap__pulls_no_row_past_the_cap(
+    workspace: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import datasets
+
+    from mixopt import sources
+
+    recipe = _streamed_workspace(workspace, tmp_path / "ws", cap=12)
+    pulls: list[int] = []  # rows pulled from each stream opened
+    real = datasets.load_dataset
+
+    def counted(*args, **kwargs):
+        loaded = real(*args, **kwargs)
+        if not kwargs.get("streaming"):
+            return loaded
+        pulls.append(0)
+
+        def rows():
+            for row in loaded:
+                pulls[-1] += 1
+                yield row
+
+        return datasets.IterableDataset.from_generator(rows, features=loaded.features)
+
+    monkeypatch.setattr(sources.datasets, "load_dataset", counted)
+    monkeypatch.setenv("MIXOPT_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "scores.json"
+    result = CliRunner().invoke(cli, ["score", str(recipe), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert pulls and all(n == 12 for n in pulls)  # `check` and the scoring pass each read the head, no further
+    law = next(d for d in json.loads(out.read_text())["domains"] if d["name"] == "law")
+    assert law["available"] == 12 and max(law["example_indices"]) < 12
+    # the rows read are the file's first 12, in order
+    from mixopt.recipe import load_recipe
+
+    spec = load_recipe(recipe)
+    rows = sources.rendered_rows(spec.domains[0], spec, "domains.0")
+    assert rows["text"] == [f"The court held that clause {i} of the contract was void." for i in range(12)]
+
+
+def test_a_streamed_source_without_max_examples__is_a_recipe_error_naming_the_field(tmp_path: Path) -> None:
+    from mixopt.errors import RecipeError
+    from mixopt.recipe import load_recipe
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "model: {path: m}\nsae: {path: s, layer: 0}\n"
+        "target: {source: {path: t.jsonl}, prompt: '{q}', response: '{a}'}\n"
+        "domains: [{name: law, source: {path: l.jsonl, streaming: true}, text: '{text}'}]\n"
+    )
+    with pytest.raises(RecipeError, match=r"domains\.0\.max_examples: source.streaming reads only the first"):
+        load_recipe(recipe)
