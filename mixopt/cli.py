@@ -210,7 +210,11 @@ def _print_plan(result: Any) -> None:
     if result.out is None:
         click.echo("\ndry run: nothing written")
         return
-    click.echo(f"\nmixture: {result.out / 'mixture'} ({result.rows:,} rows, sha256 {result.content_sha256[:16]})")
+    if result.blended:  # output.materialize: never
+        where, what = result.out / "blend.json", f"{result.rows:,} rows, blend sha256 {result.content_sha256[:16]}"
+        click.echo(f"\nblend: {where} ({what}); stream the rows with mixopt.load_mixture('{result.out}')")
+    else:
+        click.echo(f"\nmixture: {result.out / 'mixture'} ({result.rows:,} rows, sha256 {result.content_sha256[:16]})")
     click.echo(f"manifest: {result.out / 'manifest.json'}")
     click.echo(f"report: {result.out / 'README.md'}, {result.out / 'report.html'} (why: mixopt explain {result.out})")
 

@@ -305,8 +305,13 @@ def content_hash(table: datasets.Dataset | pa.Table) -> str:
 def rendered_rows(section: TargetSpec | DomainSpec, recipe: Recipe, where: str) -> datasets.Dataset:
     """A plan section's rows, columns checked, capped at `max_examples`, rendered through its templates; bad
     rows fail or, with `on_bad_row: skip`, are left out."""
-    ds = load_source(section.source, recipe.base_dir, section.max_examples)
+    return render_section(section, recipe.base_dir, recipe.on_bad_row, where)
+
+
+def render_section(section: TargetSpec | DomainSpec, base_dir: Path, on_bad_row: str, where: str) -> datasets.Dataset:
+    """`rendered_rows` given the recipe's folder and `on_bad_row` (a blend re-renders its parts with them)."""
+    ds = load_source(section.source, base_dir, section.max_examples)
     check_columns(ds, section, f"{where} ({describe(section.source)})")
     if section.max_examples is not None:
         ds = ds.select(range(min(len(ds), section.max_examples)))
-    return render(ds, section, f"{where} ({describe(section.source)})", recipe.on_bad_row)
+    return render(ds, section, f"{where} ({describe(section.source)})", on_bad_row)

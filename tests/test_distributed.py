@@ -55,7 +55,7 @@ def run_ranks(world: int, cache: Path, args: list[str], patch: Callable[[int], N
     for process in ranks:
         process.start()
     for process in ranks:
-        process.join(timeout=120)
+        process.join(timeout=600)  # generous: a loaded 2-core machine runs a tiny plan for minutes
         if process.is_alive():  # a hang is a failure, not a stuck test run
             process.kill()
             process.join()
@@ -119,6 +119,19 @@ def test_two_ranks__give_the_scores_json_of_one_process(workspace: Path, tmp_pat
     again = tmp_path / "again.json"
     assert run_ranks(2, tmp_path / "cache-2", ["score", str(workspace), "--out", str(again)]) == [0, 0]
     assert again.read_bytes() == two.read_bytes()
+
+
+def test_two_ranks__plan_writes_the_mixture_of_one_process_and_only_rank_0_writes(
+    workspace: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    args = ["plan", str(workspace), "--budget", "60", "--out"]
+    one_process(tmp_path / "cache-1", [*args, str(tmp_path / "one")], monkeypatch)
+    assert run_ranks(2, tmp_path / "cache-2", [*args, str(tmp_path / "two")]) == [0, 0]
+    manifests = [json.loads((tmp_path / run / "manifest.json").read_text()) for run in ("one", "two")]
+    assert manifests[1]["dataset"]["content_sha256"] == manifests[0]["dataset"]["content_sha256"]
+    assert manifests[1]["allocation"] == manifests[0]["allocation"]
+    assert_same_scores(tmp_path / "one" / "scores.json", tmp_path / "two" / "scores.json")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache-1", "cache-2", "one", "two"]  # no stray stage
 
 
 @pytest.mark.parametrize("scorer", ["grad", "probe"])
@@ -270,3 +283,126 @@ def test_a_streamed_source_without_max_examples__is_a_recipe_error_naming_the_fi
     )
     with pytest.raises(RecipeError, match=r"domains\.0\.max_examples: source.streaming reads only the first"):
         load_recipe(recipe)
+
+
+# ---------------------------------------------------------------------------------- materialize: never
+
+
+def _planned(recipe: Path, out: Path, *extra: str) -> dict:
+    result = CliRunner().invoke(cli, ["plan", str(recipe), "--out", str(out), "--budget", "60", *extra])
+    assert result.exit_code == 0, result.output
+    return json.loads((out / "manifest.json").read_text())
+
+
+def _blend_recipe(workspace: Path, root: Path, select: str) -> Path:
+    recipe = _recipe_with(workspace, root, "{top_k: 8, target_tokens: 300, domain_tokens: 200, bootstrap: 50}")
+    text = recipe.read_text().replace("stability: 5}", f"stability: 5, replay: {{select: {select}}}}}")
+    recipe.write_text(text.replace("formats: [arrow, parquet]}", "formats: [arrow]}"))
+    return recipe
+
+
+def test_load_mixture__streams_the_rows_of_the_materialised_plan_in_the_same_order(
+    workspace: Path, tmp_path: Path
+) -> None:
+    import datasets
+
+    import mixopt
+
+    recipe = _blend_recipe(workspace, tmp_path / "ws", "random")
+    always = _planned(recipe, tmp_path / "always")
+    recipe.write_text(recipe.read_text().replace("formats: [arrow]}", "formats: [arrow], materialize: never}"))
+    never = _planned(recipe, tmp_path / "never")
+
+    materialised = datasets.load_from_disk(str(tmp_path / "always" / "mixture")).to_list()
+    streamed = list(mixopt.load_mixture(tmp_path / "never", batch_rows=7))  # 60 rows: 9 batches, the last short
+    assert len(streamed) == 60 and streamed == materialised  # same rows, same order, same columns
+    assert sorted(p.name for p in (tmp_path / "never").iterdir() if p.name in ("mixture", "parquet", "exports")) == []
+
+    # the manifest is the same but for the hash (the blend's) and what was written
+    from mixopt.blend import Blend
+
+    assert never["dataset"]["content_sha256"] == Blend.load(tmp_path / "never").sha256()
+    assert never["dataset"]["rows"] == always["dataset"]["rows"] == 60
+    for key in ("allocation", "sts", "model", "sae"):
+        assert never[key] == always[key], key
+    untimed = [{k: v for k, v in m["solver"].items() if not k.endswith("seconds")} for m in (never, always)]
+    assert untimed[0] == untimed[1]
+    resolved = never["recipe"]["resolved"]
+    assert resolved.pop("output") != always["recipe"]["resolved"].pop("output")  # materialize: never
+    assert resolved == always["recipe"]["resolved"]
+
+
+def test_load_mixture__of_a_forecast_ranked_replay__streams_the_rows_the_plan_would_write(
+    workspace: Path, tmp_path: Path
+) -> None:
+    """`replay.select: forecast`: the blend re-ranks each domain's rows from the stored forecasts; the rows are
+    those `plan` builds (`mixture_parts` of the plan's own scores and allocation, `build_mixture`)."""
+    import mixopt
+    from mixopt.mixture import build_mixture, mixture_parts
+    from mixopt.recipe import load_recipe
+    from mixopt.scores import Scores
+    from mixopt.solver import Allocation
+
+    recipe = _blend_recipe(workspace, tmp_path / "ws", "forecast")
+    recipe.write_text(recipe.read_text().replace("formats: [arrow]}", "formats: [arrow], materialize: never}"))
+    manifest = _planned(recipe, tmp_path / "never")
+    assert any(d.get("replay", {}).get("select") == "forecast" for d in manifest["allocation"])
+    spec = load_recipe(recipe)
+    scores, allocation = (
+        Scores.load(tmp_path / "never" / "scores.json"),
+        Allocation.load(tmp_path / "never" / "allocation.json"),
+    )
+    expected = build_mixture(mixture_parts(spec, allocation, scores), spec.seed).to_list()
+    assert list(mixopt.load_mixture(tmp_path / "never", batch_rows=8)) == expected
+
+
+def test_load_mixture__refuses_a_source_whose_rows_changed_since_the_plan(
+    workspace: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mixopt
+    from mixopt.errors import SourceError
+
+    recipe = _recipe_with(
+        workspace, tmp_path / "ws", "{top_k: 8, target_tokens: 300, domain_tokens: 200, bootstrap: 50}"
+    )
+    recipe.write_text(recipe.read_text().replace("formats: [arrow, parquet]}", "materialize: never}"))
+    _planned(recipe, tmp_path / "never")
+    math = tmp_path / "ws" / "data" / "math.jsonl"  # the target: always drawn
+    math.write_text(math.read_text().replace("What is 3 plus 6?", "What is 3 plus 7?"))
+    with pytest.raises(SourceError, match=r"target \(math\): its rows changed since the plan .* re-run mixopt plan"):
+        mixopt.load_mixture(tmp_path / "never")
+
+
+def test_load_mixture__split_by_node_gives_each_rank_whole_batches_of_the_stream(tmp_path: Path) -> None:
+    """datasets' split_dataset_by_node on the blend: the ranks' rows are disjoint and together the mixture."""
+    import datasets
+    from datasets.distributed import split_dataset_by_node
+
+    from mixopt.blend import write_blend
+    from mixopt.mixture import MixturePart, build_mixture
+    from mixopt.recipe import load_recipe
+
+    (tmp_path / "law.jsonl").write_text("".join(json.dumps({"text": f"law {i}"}) + "\n" for i in range(30)))
+    (tmp_path / "math.jsonl").write_text("".join(json.dumps({"q": f"q{i}", "a": f"a{i}"}) + "\n" for i in range(20)))
+    (tmp_path / "r.yaml").write_text(
+        "model: {path: m}\nsae: {path: s, layer: 0}\n"
+        "target: {name: math, source: {path: math.jsonl}, prompt: '{q}', response: '{a}'}\n"
+        "domains: [{name: law, source: {path: law.jsonl}, text: '{text}'}]\n"
+    )
+    recipe = load_recipe(tmp_path / "r.yaml")
+    from mixopt.sources import rendered_rows
+
+    parts = [
+        MixturePart("math", rendered_rows(recipe.target, recipe, "target"), 25, 1),
+        MixturePart("law", rendered_rows(recipe.domains[0], recipe, "domains.0"), 15, 2),
+    ]
+    (tmp_path / "out").mkdir()
+    write_blend(tmp_path / "out", recipe, parts)
+    whole = build_mixture(parts, recipe.seed).to_list()
+    from mixopt.blend import load_mixture
+
+    stream = load_mixture(tmp_path / "out", batch_rows=5)  # 8 shards of 5 rows
+    assert isinstance(stream, datasets.IterableDataset) and list(stream) == whole
+    ranks = [list(split_dataset_by_node(stream, rank=r, world_size=2)) for r in range(2)]
+    assert ranks[0] == whole[0:5] + whole[10:15] + whole[20:25] + whole[30:35]  # shards 0, 2, 4, 6
+    assert ranks[1] == whole[5:10] + whole[15:20] + whole[25:30] + whole[35:40]
