@@ -24,6 +24,7 @@ SCRIPTS: dict[str, tuple[list[str], list[str]]] = {
     "bench_mixture.py": ([], ["--rows", "100000"]),
     "bench_solver.py": ([], ["--sizes", "10", "100", "1000", "--repeats", "1"]),
     "bench_evaluate.py": ([], ["--items", "16"]),
+    "bench_distributed.py": ([], ["--quick"]),
 }
 
 

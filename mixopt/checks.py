@@ -81,7 +81,7 @@ def _rows(recipe: AnyRecipe, source: SourceSpec, section: Any, cap: int | None) 
     if source.hub is not None:
         return None, -1, 0  # a hub dataset may be large or offline: a run loads and checks it
     where = describe(source)
-    ds = load_source(source, recipe.base_dir)
+    ds = load_source(source, recipe.base_dir, cap)
     check_columns(ds, section, where)
     if cap is not None:
         ds = ds.select(range(min(len(ds), cap)))

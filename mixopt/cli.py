@@ -122,20 +122,24 @@ def score(recipe: Path, out: Path | None, as_json: bool) -> None:
     \b
     e.g. mixopt score recipes/quickstart.yaml --out runs/quickstart-scores.json
     """
+    from mixopt import distributed
     from mixopt.checks import check_static
     from mixopt.manifest import check_writable
     from mixopt.pipeline import score_recipe
     from mixopt.recipe import load_recipe
 
-    spec = load_recipe(recipe)
-    if out:
-        check_writable(out, "scores file", folder=False)  # before the model work, not after
-    check_static(spec)  # what `mixopt check` sees (sources, rows, configs) fails before any model loads
-    scores, _ = score_recipe(spec)
-    click.echo(json.dumps(scores.to_dict(), indent=1) if as_json else scores.table())
-    if out:
-        scores.save(out)
-        click.echo(f"scores written to {out}", err=True)
+    with distributed.process_group():  # under torchrun: every rank scores its shard, rank 0 writes
+        spec = load_recipe(recipe)
+        if out:
+            check_writable(out, "scores file", folder=False)  # before the model work, not after
+        check_static(spec)  # what `mixopt check` sees (sources, rows, configs) fails before any model loads
+        scores, _ = score_recipe(spec)
+        if not distributed.is_main():
+            return
+        click.echo(json.dumps(scores.to_dict(), indent=1) if as_json else scores.table())
+        if out:
+            scores.save(out)
+            click.echo(f"scores written to {out}", err=True)
 
 
 def _budget_options(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -186,12 +190,19 @@ def plan(recipe: Path, out: Path | None, force: bool, seed: int | None, dry_run:
     e.g. mixopt plan recipes/quickstart.yaml --budget 2000
          mixopt plan recipes/quickstart.yaml --budget 500000 --unit tokens --out runs/q --force
     """
+    from mixopt import distributed
     from mixopt.pipeline import plan_recipe
     from mixopt.recipe import load_recipe
 
-    spec = load_recipe(recipe).with_overrides(seed=seed, **allocation)
-    target = out or output_dir(spec)
-    result = plan_recipe(spec, target, force=force, dry_run=dry_run)
+    with distributed.process_group():  # under torchrun: every rank scores its shard, rank 0 writes OUT
+        spec = load_recipe(recipe).with_overrides(seed=seed, **allocation)
+        target = out or output_dir(spec)
+        result = plan_recipe(spec, target, force=force, dry_run=dry_run or not distributed.is_main())
+        if distributed.is_main():
+            _print_plan(result)
+
+
+def _print_plan(result: Any) -> None:
     click.echo(result.scores.table())
     click.echo("")
     click.echo(result.allocation.table())
@@ -199,7 +210,11 @@ def plan(recipe: Path, out: Path | None, force: bool, seed: int | None, dry_run:
     if result.out is None:
         click.echo("\ndry run: nothing written")
         return
-    click.echo(f"\nmixture: {result.out / 'mixture'} ({result.rows:,} rows, sha256 {result.content_sha256[:16]})")
+    if result.blended:  # output.materialize: never
+        where, what = result.out / "blend.json", f"{result.rows:,} rows, blend sha256 {result.content_sha256[:16]}"
+        click.echo(f"\nblend: {where} ({what}); stream the rows with mixopt.load_mixture('{result.out}')")
+    else:
+        click.echo(f"\nmixture: {result.out / 'mixture'} ({result.rows:,} rows, sha256 {result.content_sha256[:16]})")
     click.echo(f"manifest: {result.out / 'manifest.json'}")
     click.echo(f"report: {result.out / 'README.md'}, {result.out / 'report.html'} (why: mixopt explain {result.out})")
 

@@ -54,6 +54,11 @@ class OutputExistsError(MixoptError):
     write (the recipe, a source, an unrelated folder), or the output cannot be written there."""
 
 
+class DistributedError(MixoptError):
+    """A distributed run (torchrun, accelerate launch) cannot form its process group, or one of its ranks
+    failed; the message names the rank and what stopped it."""
+
+
 class Terminated(SystemExit):
     """SIGTERM arrived: unwinds like an exception (so staged output is removed), then exits 143 (128 + 15)."""
 

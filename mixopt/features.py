@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from mixopt import distributed
 from mixopt.artifacts import cache_dir
 from mixopt.batching import length_batches, pad_right
 from mixopt.encoding import Encoded
@@ -108,6 +109,15 @@ class TopContexts:
         empty = self.values <= 0  # a latent that did not fire in an example has no context there
         self.example[empty], self.position[empty] = -1, -1
 
+    def all_ranks(self) -> None:
+        """Merge every rank's top N per latent (each from its own batches) into the top N of all of them."""
+        if distributed.world_size() == 1:
+            return
+        n = self.values.shape[1]
+        merged = [torch.cat(distributed.all_gather(part), dim=1) for part in (self.values, self.example, self.position)]
+        self.values, pick = merged[0].topk(n, dim=1)  # (W, N) of (W, N x ranks)
+        self.example, self.position = merged[1].gather(1, pick), merged[2].gather(1, pick)
+
 
 @dataclass
 class SourceStats:
@@ -121,6 +131,13 @@ class SourceStats:
     @property
     def n_tokens(self) -> int:
         return int(self.example_tokens.sum())
+
+    def all_ranks(self) -> None:
+        """Sum every rank's part of the reductions (`distributed`: each rank reduced its own batches)."""
+        for part in (self.latents, self.resid):
+            distributed.all_sum(*(getattr(part, f.name) for f in fields(Reduction)))
+        if self.top is not None:
+            self.top.all_ranks()
 
     def to_tensors(self, prefix: str) -> dict[str, torch.Tensor]:
         out = {f"{prefix}example_tokens": self.example_tokens}
@@ -173,7 +190,9 @@ def _encode_counted(
     # No attention mask: rows are right-padded, so under the causal mask real tokens never see padding,
     # and SDPA's is_causal path is faster than an explicit mask (padding outputs are dropped below).
     resid = residual_stream(lm.model, input_ids, None, layer, prefix)  # (batch, seq, d_model)
-    h = resid[mask.to(lm.device)]  # (counted tokens, d_model), row-major: aligned across ICL/zero-shot
+    # (counted tokens, d_model), row-major: aligned across ICL/zero-shot; onto the SAE's device (a model spread
+    # over GPUs by `placement` hands block L's output over on that block's GPU)
+    h = resid[mask.to(resid.device)].to(lm.device)
     with torch.inference_mode():
         return h.float(), sae.encode(h.float()).float()  # (tokens, d_model), (tokens, d_sae)
 
@@ -206,8 +225,12 @@ def run_pass(
         else None
     )
     cache = prefix_cache(lm.model, prefix, layer, lm.device) if prefix else None  # demos: computed once
-    with tqdm(total=stats.n_tokens, unit="tok", unit_scale=True, desc=desc, leave=False) as bar:
-        for batch in length_batches([len(e) for e in examples], batch_tokens):
+    # with several ranks, this rank's share of the one-process batch plan (`distributed.shard`)
+    batches = distributed.shard(list(length_batches([len(e) for e in examples], batch_tokens)))
+    mine = int(sum(stats.example_tokens[batch].sum() for batch in batches))  # counted tokens of this rank
+    bar = tqdm(total=mine, unit="tok", unit_scale=True, desc=desc, leave=False, disable=not distributed.is_main())
+    with bar:
+        for batch in batches:
             rows = [examples[i] for i in batch]
             example = torch.repeat_interleave(torch.tensor(batch), stats.example_tokens[batch])
             mask = _counted_mask(rows)
@@ -224,6 +247,9 @@ def run_pass(
                 shift.latents.update((f1 - f0).square(), example)
                 shift.resid.update((h1 - h0).square(), example)
             bar.update(len(example))
+    for part in (stats, shift):
+        if part is not None:
+            part.all_ranks()
     return PassResult(stats, shift)
 
 
@@ -247,10 +273,11 @@ def cached_tensors(
     from safetensors.torch import load_file, save_file
 
     path = cache_dir() / kind / f"{key}.safetensors"
-    if path.exists():
+    if distributed.agree(path.exists()):  # several ranks: all read it, or all compute their shard
         return load_file(path), True
     tensors = {k: v.contiguous() for k, v in compute().items()}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp))
+    if distributed.is_main():  # only rank 0 writes, once every rank's part is summed in
+        atomic_write(path, lambda tmp: save_file(tensors, tmp))
     return tensors, False
 
 

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from mixopt import distributed
 from mixopt.batching import length_batches
 from mixopt.encoding import Encoded, loss_digest
 from mixopt.errors import RecipeError
@@ -226,17 +227,21 @@ def source_gradients(
 
     weights = [layer.weight for layer in layers.values()]
     pad_id = lm.tokenizer.pad_token_id or 0
+    # with several ranks, this rank's share of the one-process batch plan; the sums are added up below
+    batches = distributed.shard(list(length_batches([len(e) for e in examples], batch_tokens)))
+    mine = int(sum(tokens[batch].sum() for batch in batches))
     with (
         only_trainable(lm.model, weights),
         tapped(layers, receive),
-        tqdm(total=int(tokens.sum()), unit="tok", unit_scale=True, desc=desc, leave=False) as bar,
+        tqdm(total=mine, unit="tok", unit_scale=True, desc=desc, leave=False, disable=not distributed.is_main()) as bar,
     ):
-        for batch in length_batches([len(e) for e in examples], batch_tokens):
+        for batch in batches:
             rows = torch.tensor(batch, dtype=torch.int64)
             losses, _ = token_losses(lm.model, [examples[i] for i in batch], pad_id, lm.device)
             if losses.numel():
                 torch.autograd.grad(losses.sum(), weights)  # fires `receive`; the weight gradients are not kept
             bar.update(int(tokens[rows].sum()))
+    distributed.all_sum(alignment, *sketch.values())  # each example's row from the one rank that ran it
     total = max(int(tokens.sum()), 1)
     flat = torch.cat([(sketch[n] / total).flatten() for n in layers]).cpu()
     return SourceGradients(alignment, tokens, flat)

@@ -335,6 +335,70 @@ def _text(sources: Sequence[_Source], parts: Sequence[MixturePart], order: np.nd
     return _gather(values, picked, _bounds(_lengths(values)[picked] if big else None, len(picked)))
 
 
+@dataclass
+class _Layout:
+    """Where every mixture row comes from: the drawn parts (each kind's together), their rows as Arrow
+    chunks, and the shuffle. `build_mixture` gathers all rows at once; `mixture_batches` gathers them a range
+    at a time through the same functions, so the two give the same rows in the same order."""
+
+    schema: Schema
+    drawn: list[MixturePart]
+    sources: list[_Source]
+    order: np.ndarray  # (rows,) mixture position -> index into the parts' draws, concatenated in part order
+    big: bool  # over _PIECE_BYTES of text: gather in pieces
+
+
+def _layout(parts: Sequence[MixturePart], seed: int) -> _Layout:
+    if not parts:
+        raise MixoptError("a mixture needs at least one part (the target or a domain)")
+    if dupes := sorted(name for name, n in Counter(p.name for p in parts).items() if n > 1):
+        raise MixoptError(f"mixture part names must be unique; repeated: {', '.join(dupes)}")
+    schema = common_schema(parts)
+    drawn = [part for part in parts if part.count > 0]
+    kinds = list(dict.fromkeys(_kind(part) for part in drawn))  # chat and/or text parts, in first-seen order
+    drawn = [part for kind in kinds for part in drawn if _kind(part) == kind]  # each kind's parts together
+    columns = {"messages": ["prompt", "response"], "text": ["text"]}
+    sources = [_source(part, columns[_kind(part)]) for part in drawn]
+    order = np.random.default_rng(seed).permutation(sum(part.count for part in drawn))  # as Dataset.shuffle draws
+    big = sum(source.bound for source in sources) >= _PIECE_BYTES  # else one piece: no need to count bytes
+    return _Layout(schema, drawn, sources, order, big)
+
+
+def _table(layout: _Layout, start: int = 0, stop: int | None = None) -> pa.Table:
+    """Mixture rows `start` to `stop` (all by default) as an Arrow table in the mixture's schema.
+
+    A range gathers only its own rows: each part's source is cut down to the drawn rows the range holds (kept
+    in draw order), and the range's order is re-expressed in them, so `_messages` / `_text` do the same work
+    on fewer rows."""
+    features = FEATURES[layout.schema]
+    counts = np.array([part.count for part in layout.drawn], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(counts)])  # (parts + 1,) where each part's draw starts
+    picked = layout.order[start:stop]  # (rows,) indices into the concatenated draws, in mixture order
+    sources, order = layout.sources, picked
+    if start != 0 or (stop is not None and stop < layout.order.size):
+        keep = np.sort(picked)  # the range's draws, part by part, each part's in draw order
+        cuts = np.searchsorted(keep, offsets)  # (parts + 1,) where each part's draws start in `keep`
+        sources = []
+        for s, a, b, o in zip(layout.sources, cuts[:-1], cuts[1:], offsets[:-1], strict=True):
+            local = keep[a:b] - o  # this part's draws in the range, as positions in its whole draw
+            sources.append(_Source(s.columns, s.draw[local], s.rows[local], s.bound))
+        order = np.searchsorted(keep, picked)
+    if layout.schema == "messages":
+        body = _messages(sources, order, layout.big)
+    else:
+        body = _text(sources, layout.drawn, order, layout.big)
+    owner = np.searchsorted(offsets, picked, side="right") - 1  # the part each row comes from
+    draws = np.concatenate([s.draw for s in layout.sources])
+    return pa.Table.from_arrays(
+        [
+            pa.chunked_array(body, type=features.arrow_schema.field(layout.schema).type),
+            pa.array([p.name for p in layout.drawn], type=pa.string()).take(owner),
+            pa.array(draws[picked], type=pa.int64()),
+        ],
+        schema=features.arrow_schema,
+    )
+
+
 def build_mixture(parts: Sequence[MixturePart], seed: int) -> datasets.Dataset:
     """All parts' selected rows in one schema, shuffled with `seed`, stored in mixture order (no indices mapping).
 
@@ -344,38 +408,36 @@ def build_mixture(parts: Sequence[MixturePart], seed: int) -> datasets.Dataset:
     Every column is built in Arrow over the whole mixture at once: the draws and the shuffle are index arrays,
     composed in numpy, then one `take` gathers the text of every row straight into mixture order.
     """
-    if not parts:
-        raise MixoptError("a mixture needs at least one part (the target or a domain)")
-    if dupes := sorted(name for name, n in Counter(p.name for p in parts).items() if n > 1):
-        raise MixoptError(f"mixture part names must be unique; repeated: {', '.join(dupes)}")
-    schema = common_schema(parts)
-    features = FEATURES[schema]
-    drawn = [part for part in parts if part.count > 0]
-    if not drawn:
+    layout = _layout(parts, seed)
+    features = FEATURES[layout.schema]
+    if not layout.drawn:
         return datasets.Dataset.from_dict({name: [] for name in features}, features=features)
-    kinds = list(dict.fromkeys(_kind(part) for part in drawn))  # chat and/or text parts, in first-seen order
-    drawn = [part for kind in kinds for part in drawn if _kind(part) == kind]  # each kind's parts together
-    columns = {"messages": ["prompt", "response"], "text": ["text"]}
-    sources = [_source(part, columns[_kind(part)]) for part in drawn]
-    counts = [part.count for part in drawn]
-    order = np.random.default_rng(seed).permutation(sum(counts))  # the shuffle, as Dataset.shuffle(seed) draws it
-    big = sum(source.bound for source in sources) >= _PIECE_BYTES  # else one piece: no need to count bytes
-    body = _messages(sources, order, big) if schema == "messages" else _text(sources, drawn, order, big)
-    owner = np.repeat(np.arange(len(drawn)), counts)[order]
-    table = pa.Table.from_arrays(
-        [
-            pa.chunked_array(body, type=features.arrow_schema.field(schema).type),
-            pa.array([p.name for p in drawn], type=pa.string()).take(owner),
-            pa.array(np.concatenate([source.draw for source in sources])[order]),
-        ],
-        schema=features.arrow_schema,
-    )
+    table = _table(layout)
     # datasets would hash the whole table for a fingerprint; the parts' own fingerprints and the draw say the same
+    drawn = layout.drawn
     ranked = [Hasher.hash(p.selection.ranking.tobytes()) for p in drawn if p.selection is not None]
     fingerprint = Hasher.hash(
-        ["mixopt.mixture", schema, seed, [(p.name, p.count, p.seed, p.rows._fingerprint) for p in drawn], *ranked]
+        [
+            "mixopt.mixture",
+            layout.schema,
+            seed,
+            [(p.name, p.count, p.seed, p.rows._fingerprint) for p in drawn],
+            *ranked,
+        ]
     )
     return datasets.Dataset(table, info=datasets.DatasetInfo(features=features), fingerprint=fingerprint)
+
+
+def mixture_batches(
+    parts: Sequence[MixturePart], seed: int, rows: int = 10_000, start: int = 0, stop: int | None = None
+) -> Iterator[pa.Table]:
+    """Rows `start` to `stop` (default: all) of `build_mixture(parts, seed)`, in the same order, as Arrow tables
+    of up to `rows` rows each: the same layout and gathering, one range at a time, so no more than a batch of
+    mixture rows is ever in memory."""
+    layout = _layout(parts, seed)
+    end = layout.order.size if stop is None else min(stop, layout.order.size)
+    for first in range(start, end, rows):
+        yield _table(layout, first, min(first + rows, end))
 
 
 # ---------------------------------------------------------------------------------------------- output

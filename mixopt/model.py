@@ -30,6 +30,7 @@ from torch import nn
 from mixopt.artifacts import BUILTIN_MODELS, builtin_gguf, dense_copy_dir, hub_offline, require_hub
 from mixopt.errors import ModelError
 from mixopt.files import files_fingerprint
+from mixopt.placement import Placement, auto_placement
 from mixopt.quiet import quiet_libraries
 from mixopt.recipe import ModelSpec
 
@@ -53,8 +54,10 @@ class LoadedModel:
 
 
 def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "auto":  # under torchrun / accelerate launch: this rank's own GPU
+        from mixopt.distributed import local_device
+
+        return local_device()
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ModelError(f"model.device is '{device}' but CUDA is not available here; use 'auto' or 'cpu'")
     return torch.device(device)
@@ -120,28 +123,35 @@ def load_model(spec: ModelSpec, base_dir: Path | None = None) -> LoadedModel:
     device = resolve_device(spec.device)
     dtype = resolve_dtype(spec.dtype, device)
 
-    def load(local_only: bool) -> tuple[Any, Any]:
+    def load(local_only: bool) -> tuple[Any, Any, Placement]:
         with quiet_libraries():
             options = {"revision": spec.revision, "local_files_only": local_only}
+            placement = Placement(device)
+            if spec.device == "auto" and device.type == "cuda":  # a model too big for one GPU is spread
+                placement = auto_placement(source, dtype, options)
+            spread = {"device_map": placement.device_map, "max_memory": placement.max_memory}
             return (
                 AutoTokenizer.from_pretrained(source, **options),
-                AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **options),
+                AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **options, **spread),
+                placement,
             )
 
     hub = not Path(source).is_dir()
     try:
         try:  # a hub id: the local cache first, with no network round trip; offline it is all there is
-            tokenizer, model = load(local_only=hub)
+            tokenizer, model, placement = load(local_only=hub)
         except OSError:
             if not hub or hub_offline():
                 raise
             require_hub(f"model '{spec.path}'", ModelError)
-            tokenizer, model = load(local_only=False)
+            tokenizer, model, placement = load(local_only=False)
     except OSError as err:
         hint = " (HF_HUB_OFFLINE is set: download it first, or use a local folder)" if hub and hub_offline() else ""
         raise ModelError(f"cannot load model '{spec.path}': {' '.join(str(err).split())}{hint}") from None
-    model.to(device).eval()
-    return LoadedModel(model, tokenizer, spec.path, identity, device, dtype)
+    if placement.device_map is None:  # accelerate placed a spread model's layers itself
+        model.to(placement.device)
+    model.eval()
+    return LoadedModel(model, tokenizer, spec.path, identity, placement.device, dtype)
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:

@@ -297,7 +297,10 @@ def forecast_scores(
     """The recipe's forecasting scorer (a `looks_ahead` scorer) on the target and every domain. `samples`
     and `stats`: each source's scoring sample and feature statistics, by name; the target's rows (all of
     them) are what the pilot fine-tune trains on and its sample what `grad`'s update is estimated from."""
+    from mixopt.placement import require_one_device
+
     lm, sae = model.lm, model.sae
+    require_one_device(lm.model, f"sts.score: {spec.score}")
     examples = {name: sample.examples for name, sample in samples.items()}
     if spec.score == "grad":
         from mixopt.gradients import grad_forecast
@@ -356,6 +359,7 @@ class PlanResult:
     rows: int = 0
     content_sha256: str = ""
     seconds: dict[str, float] = field(default_factory=dict)
+    blended: bool = False  # output.materialize: never: OUT/blend.json instead of the rows
 
 
 def plan_recipe(recipe: Recipe, out: Path, force: bool = False, dry_run: bool = False) -> PlanResult:
@@ -384,14 +388,21 @@ def plan_recipe(recipe: Recipe, out: Path, force: bool = False, dry_run: bool = 
         return PlanResult(scores, allocation, None, seconds=timings.seconds)
     with staged_output(out, force, recipe.input_paths()) as staged:
         parts = mixture_parts(recipe, allocation, scores)
-        mixture = timings.timed("mixture", lambda: build_mixture(parts, recipe.seed))
-        files = timings.timed("write", lambda: write_mixture(mixture, staged, recipe.output.formats))
-        digest = content_hash(mixture)
+        never = recipe.output.materialize == "never"  # the blend instead of the rows: mixopt.load_mixture(OUT)
+        if never:
+            from mixopt.blend import BLEND, write_blend
+
+            blend = timings.timed("blend", lambda: write_blend(staged, recipe, parts))
+            rows, digest, files = blend.rows, blend.sha256(), {"blend": BLEND}
+        else:
+            mixture = timings.timed("mixture", lambda: build_mixture(parts, recipe.seed))
+            files = timings.timed("write", lambda: write_mixture(mixture, staged, recipe.output.formats))
+            rows, digest = len(mixture), content_hash(mixture)
         counts = {recipe.target.name: allocation.target_count} | {d.name: d.count for d in allocation.domains}
         available = {recipe.target.name: scores.target.available} | {d.name: d.available for d in scores.domains}
         epochs = {name: counts[name] / max(available[name], 1) for name in counts}
         schema = common_schema(parts)
-        if "parquet" in recipe.output.formats:  # the exports point at the per-domain parquet files
+        if "parquet" in recipe.output.formats and not never:  # the exports point at the per-domain parquet files
             write_exports(staged, counts, epochs, schema, context["tokenizer"])
         (staged / "plots").mkdir()
         ranked = scores.ranked()
@@ -407,13 +418,15 @@ def plan_recipe(recipe: Recipe, out: Path, force: bool = False, dry_run: bool = 
         plot_allocation(
             list(shares), list(shares.values()), staged / "plots" / "allocation.png", target=recipe.target.name
         )
-        write_run_readme(staged, allocation_markdown(scores, allocation), counts, epochs, schema, recipe.target.name)
+        table_md = allocation_markdown(scores, allocation)
+        write_run_readme(staged, table_md, counts, epochs, schema, recipe.target.name, blended=never)
         scores.save(staged / "scores.json")
         allocation.save(staged / "allocation.json")
-        written = {"rows": len(mixture), "content_sha256": digest, "schema": schema, "files": files}
+        written = {"rows": rows, "content_sha256": digest, "schema": schema, "files": files}
+        written["materialize"] = recipe.output.materialize  # never: content_sha256 is the blend's (blend.json)
         written["skipped_rows"] = checked.skipped  # on_bad_row: skip, rows left out per target/domain
         replay = {part.name: part.record() for part in parts[1:]}  # parts[0] is the target
         manifest = manifest_record(recipe, scores, allocation, context, written, timings.seconds, replay)
         write_json(staged / "manifest.json", manifest)
         write_explanation(staged, scores, allocation, context["evidence"], manifest)  # explain.json, report.html
-    return PlanResult(scores, allocation, out, len(mixture), digest, timings.seconds)
+    return PlanResult(scores, allocation, out, rows, digest, timings.seconds, blended=never)

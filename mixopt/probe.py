@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from mixopt import sts
+from mixopt import distributed, sts
 from mixopt.artifacts import cache_dir
 from mixopt.batching import length_batches
 from mixopt.encoding import Encoded, loss_digest
@@ -78,7 +78,9 @@ class Pilot:
         """The pilot model, in the base model's dtype (trained now if this run has not yet)."""
         if self._loaded is None:
             model = copy.deepcopy(self.lm.model).float()  # float32 master weights, as validation trains
-            if self.spec.steps:
+            if self.spec.steps and not distributed.is_main():  # rank 0 trains; the others take its weights
+                distributed.broadcast_module(model)
+            elif self.spec.steps:
                 folder = cache_dir() / "probe" / self.key
                 torch.manual_seed(self.seed)
                 result = finetune(
@@ -92,9 +94,12 @@ class Pilot:
                 )
                 remove_checkpoint(folder)  # the measurements are cached; weights + AdamW state are not worth it
                 folder.rmdir()
+                write_json(self._record_path, result.to_dict())
+                distributed.broadcast_module(model)  # several ranks: every one measures with these weights
             else:
                 result = FinetuneResult(0, 0, 0.0)
-            write_json(self._record_path, result.to_dict())
+                if distributed.is_main():
+                    write_json(self._record_path, result.to_dict())
             self._loaded = dataclasses.replace(self.lm, model=model.to(self.lm.dtype).eval())
         return self._loaded
 
@@ -108,11 +113,13 @@ def example_losses(lm: LoadedModel, examples: list[Encoded], batch_tokens: int, 
     sums = torch.zeros(len(examples), dtype=torch.float64)
     counts = torch.zeros(len(examples), dtype=torch.float64)
     pad_id = lm.tokenizer.pad_token_id or 0
-    for batch in tqdm(list(length_batches([len(e) for e in examples], batch_tokens)), desc=desc, leave=False):
+    batches = distributed.shard(list(length_batches([len(e) for e in examples], batch_tokens)))  # this rank's
+    for batch in tqdm(batches, desc=desc, leave=False, disable=not distributed.is_main()):
         losses, row = token_losses(lm.model, [examples[i] for i in batch], pad_id, lm.device)
         index = torch.tensor(batch, dtype=torch.int64)[row.cpu()]
         sums.index_add_(0, index, losses.double().cpu())
         counts.index_add_(0, index, torch.ones_like(losses, dtype=torch.float64).cpu())
+    distributed.all_sum(sums, counts)  # each example's row from the one rank that ran it
     return (sums / counts).numpy()  # 0 / 0 = NaN for an example without loss tokens
 
 

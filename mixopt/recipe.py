@@ -22,7 +22,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    model_serializer,
+    model_validator,
+)
 
 from mixopt.errors import RecipeError, SourceError
 
@@ -48,6 +57,12 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
+def _without_new_defaults(data: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """`data` without the fields of `defaults` that hold their default: fields added after recipes were hashed
+    leave the dump, so every existing recipe keeps its sha256 (a `sae train` resumes, `diff` sees no change)."""
+    return {k: v for k, v in data.items() if k not in defaults or v != defaults[k]}
+
+
 class SourceSpec(Section):
     """Where rows come from: local file(s), a `save_to_disk` folder, or a hub dataset."""
 
@@ -57,6 +72,11 @@ class SourceSpec(Section):
     split: str | None = None  # hub split, or the split of a saved DatasetDict; default "train"
     format: Literal["auto", "json", "csv", "parquet", "arrow"] = "auto"
     columns: list[str] | None = None  # names for a header-less CSV (e.g. MMLU)
+    streaming: bool = False  # read only the first `max_examples` rows (datasets' IterableDataset), never the rest
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return _without_new_defaults(handler(self), {"streaming": False})
 
     @model_validator(mode="after")
     def _one_location(self) -> SourceSpec:
@@ -82,6 +102,13 @@ class SourceSpec(Section):
             else:
                 paths.append(full.resolve())
         return paths
+
+
+def _capped(source: SourceSpec, max_examples: int | None) -> None:
+    """A streamed source is read up to `max_examples` rows: without a cap a run would read all of it."""
+    if source.streaming and max_examples is None:
+        message = "source.streaming reads only the first max_examples rows; set max_examples (e.g. 10000)"
+        raise FieldProblems([(("max_examples",), message)])
 
 
 # A template field is a column, optionally indexed (`{choices[0]}`): str.format would also evaluate
@@ -188,6 +215,7 @@ class TargetSpec(TextTemplates):
     def _chat(self) -> TargetSpec:
         if not self.is_chat:
             raise ValueError("the target needs 'prompt' and 'response' templates (what the model is trained on)")
+        _capped(self.source, self.max_examples)
         return self
 
 
@@ -208,6 +236,7 @@ class DomainSpec(TextTemplates):
             raise ValueError(
                 f"min_share {self.min_share:g} > max_share {self.max_share:g}; lower min_share or raise max_share"
             )
+        _capped(self.source, self.max_examples)
         return self
 
 
@@ -286,6 +315,12 @@ class AllocationSpec(Section):
 class OutputSpec(Section):
     dir: str | None = None  # default: runs/<recipe file stem>, relative to the current folder
     formats: list[Literal["arrow", "parquet"]] = ["arrow", "parquet"]  # trainer exports need parquet
+    # never: write blend.json (sources, counts, seeds) instead of the rows; mixopt.load_mixture(OUT) streams them
+    materialize: Literal["always", "never"] = "always"
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return _without_new_defaults(handler(self), {"materialize": "always"})
 
 
 class RecipeFile(Section):
@@ -394,6 +429,11 @@ class CorpusSpec(TextTemplates):
 
     source: SourceSpec
     max_examples: Annotated[int, Field(gt=0)] | None = None
+
+    @model_validator(mode="after")
+    def _streamed(self) -> CorpusSpec:
+        _capped(self.source, self.max_examples)
+        return self
 
 
 class SAEArchitectureSpec(Section):

@@ -165,12 +165,13 @@ def write_run_readme(
     epochs: Mapping[str, float],
     schema: str,
     target_name: str,
+    blended: bool = False,
 ) -> None:
     """Write `out/README.md`: the plots, the domain table, rows and epochs per part, and loading recipes.
 
     `table_md`: the domain table as markdown (STS, baselines, allocation). `counts`: rows per part, the
     target included under `target_name`. `epochs`: passes over each part's source. `schema`: "messages"
-    or "text".
+    or "text". `blended`: `output.materialize: never`, the rows are streamed by `mixopt.load_mixture`.
     """
     replay = [name for name in counts if name != target_name]
     total = sum(counts.values())
@@ -204,9 +205,29 @@ so every source row appears floor or ceil of that many times.
 
 {_epochs_table(counts, epochs, target_name)}
 
-{_loading(schema, counts)}"""
+{_blend_loading(schema) if blended else _loading(schema, counts)}"""
     out.mkdir(parents=True, exist_ok=True)
     (out / "README.md").write_text(text)
+
+
+def _blend_loading(schema: str) -> str:
+    """How to read a `materialize: never` plan: its rows are not in this folder."""
+    column = "messages" if schema == "messages" else "text"
+    return f"""## Loading
+
+This plan wrote no rows (`output.materialize: never`): `blend.json` says how to draw them (each part's
+source and templates, count and seed; the shuffle seed), and `mixopt.load_mixture` streams them, the
+same rows in the same order as a materialised plan of the same recipe and seed would hold (it refuses a
+source whose rows changed since). Columns: `{column}`, `domain`, `source_index`.
+
+```python
+import mixopt
+ds = mixopt.load_mixture("path/to/this/folder")          # datasets.IterableDataset
+from datasets.distributed import split_dataset_by_node  # one part per rank of a distributed trainer
+ds = split_dataset_by_node(ds, rank=rank, world_size=world_size)
+```
+The trainer exports (`exports/`) need the rows as files: plan with `output.materialize: always` for them.
+"""
 
 
 def allocation_markdown(scores: Scores, allocation: Allocation) -> str:

@@ -87,7 +87,7 @@ def corpus_encodings(recipe: SAETrainRecipe, lm: LoadedModel) -> list[Encoded]:
     """Every corpus example encoded, interleaved in a seeded order so any prefix mixes all sources."""
     encoded: list[Encoded] = []
     for i, corpus in enumerate(recipe.data):
-        ds = load_source(corpus.source, recipe.base_dir)
+        ds = load_source(corpus.source, recipe.base_dir, corpus.max_examples)
         check_columns(ds, corpus, f"data.{i} ({describe(corpus.source)})")
         rows = render(ds.select(range(min(len(ds), corpus.max_examples or len(ds)))), corpus)
         max_len = recipe.training.max_length

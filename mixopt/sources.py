@@ -12,6 +12,7 @@ Example:
 from __future__ import annotations
 
 import codecs
+import itertools
 import json
 import string
 from pathlib import Path
@@ -46,9 +47,14 @@ def describe(spec: SourceSpec) -> str:
     return str(paths[0]) if len(paths) == 1 else f"{paths[0]} (+{len(paths) - 1} files)"
 
 
-def load_source(spec: SourceSpec, base_dir: Path) -> datasets.Dataset:
-    """Load a source as a Dataset. Relative paths resolve against `base_dir` (the recipe's folder)."""
+def load_source(spec: SourceSpec, base_dir: Path, cap: int | None = None) -> datasets.Dataset:
+    """Load a source as a Dataset. Relative paths resolve against `base_dir` (the recipe's folder).
+
+    `source.streaming`: read as a `datasets.IterableDataset` and only its first `cap` rows (the section's
+    `max_examples`) are pulled, so a source far larger than memory or disk costs what is scored."""
     datasets.disable_progress_bars()
+    if spec.streaming and cap is None:
+        raise SourceError(f"{describe(spec)}: source.streaming needs a cap; set max_examples on its section")
     if spec.hub is not None:
         from mixopt.artifacts import hub_offline, require_hub
 
@@ -56,7 +62,10 @@ def load_source(spec: SourceSpec, base_dir: Path) -> datasets.Dataset:
             require_hub(f"hub dataset {describe(spec)}", SourceError)
         try:
             with quiet_libraries():
-                return datasets.load_dataset(spec.hub, spec.config, split=spec.split or "train")
+                hub = datasets.load_dataset(
+                    spec.hub, spec.config, split=spec.split or "train", streaming=spec.streaming
+                )
+                return stream_head(hub, cap) if isinstance(hub, datasets.IterableDataset) and cap else hub
         except Exception as err:  # hub errors are many types; all mean the same thing to the user
             raise SourceError(f"cannot load hub dataset {describe(spec)}: {_reason(err)}") from None
     files = spec.paths(base_dir)
@@ -78,7 +87,7 @@ def load_source(spec: SourceSpec, base_dir: Path) -> datasets.Dataset:
             loaded = loaded[split]
         return loaded
     builder = _builder(spec, files)
-    if builder in {"json", "csv"}:
+    if builder in {"json", "csv"} and not spec.streaming:  # the check reads whole files; a stream reads its head
         for file in files:
             _check_text_file(file)
     options: dict[str, Any] = {}
@@ -86,12 +95,30 @@ def load_source(spec: SourceSpec, base_dir: Path) -> datasets.Dataset:
         options = {"keep_default_na": False} | ({"column_names": spec.columns} if spec.columns else {})
     try:
         with quiet_libraries():
-            return datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train", **options)
+            data_files = [str(f) for f in files]
+            if spec.streaming and cap is not None:
+                return stream_head(
+                    datasets.load_dataset(builder, data_files=data_files, split="train", streaming=True, **options), cap
+                )
+            return datasets.load_dataset(builder, data_files=data_files, split="train", **options)
     except Exception as err:  # parser errors from pandas/pyarrow/json
         bad_line = next((line for f in files if (line := _bad_json_line(f))), None) if builder == "json" else None
         if builder == "csv" and not spec.columns and all(_lines(f) <= 1 for f in files):  # datasets: "no data!"
             bad_line = f"{files[0]}: a header but no rows; point the source at a file with rows"
         raise SourceError(bad_line or f"cannot read {files[0]} as {builder}: {_reason(err)}; fix the file") from None
+
+
+def stream_head(stream: datasets.IterableDataset, cap: int) -> datasets.Dataset:
+    """The first `cap` rows of a stream, in its order, as a Dataset: exactly `cap` rows are pulled from it
+    (fewer if it ends first), never one more.
+
+    Every rank of a distributed run reads the same head (the ranks then split the *forward passes*); datasets'
+    `split_dataset_by_node` would give each rank other rows (whole shards) or make each read the whole head
+    anyway (every N-th row), so it serves the trainer side instead (`mixopt.blend.load_mixture`)."""
+    rows = list(itertools.islice(iter(stream), cap))
+    if stream.features is not None:
+        return datasets.Dataset.from_list(rows, features=stream.features)
+    return datasets.Dataset.from_list(rows)
 
 
 def _lines(path: Path) -> int:
@@ -278,8 +305,13 @@ def content_hash(table: datasets.Dataset | pa.Table) -> str:
 def rendered_rows(section: TargetSpec | DomainSpec, recipe: Recipe, where: str) -> datasets.Dataset:
     """A plan section's rows, columns checked, capped at `max_examples`, rendered through its templates; bad
     rows fail or, with `on_bad_row: skip`, are left out."""
-    ds = load_source(section.source, recipe.base_dir)
+    return render_section(section, recipe.base_dir, recipe.on_bad_row, where)
+
+
+def render_section(section: TargetSpec | DomainSpec, base_dir: Path, on_bad_row: str, where: str) -> datasets.Dataset:
+    """`rendered_rows` given the recipe's folder and `on_bad_row` (a blend re-renders its parts with them)."""
+    ds = load_source(section.source, base_dir, section.max_examples)
     check_columns(ds, section, f"{where} ({describe(section.source)})")
     if section.max_examples is not None:
         ds = ds.select(range(min(len(ds), section.max_examples)))
-    return render(ds, section, f"{where} ({describe(section.source)})", recipe.on_bad_row)
+    return render(ds, section, f"{where} ({describe(section.source)})", on_bad_row)
