@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from mixopt.artifacts import BUILTIN_MODELS, builtin_gguf, dense_copy_dir, hub_offline, require_hub
+from mixopt.encoding import PromptFormat, prompt_format
 from mixopt.errors import ModelError
 from mixopt.files import files_fingerprint
 from mixopt.quiet import quiet_libraries
@@ -42,6 +43,7 @@ class LoadedModel:
     identity: str  # content fingerprint of the weights, for caches and the manifest
     device: torch.device
     dtype: torch.dtype
+    format: PromptFormat | None = None  # how prompt/response examples are rendered; None: `prompt_format` default
 
     @property
     def n_layers(self) -> int:
@@ -141,7 +143,7 @@ def load_model(spec: ModelSpec, base_dir: Path | None = None) -> LoadedModel:
         hint = " (HF_HUB_OFFLINE is set: download it first, or use a local folder)" if hub and hub_offline() else ""
         raise ModelError(f"cannot load model '{spec.path}': {' '.join(str(err).split())}{hint}") from None
     model.to(device).eval()
-    return LoadedModel(model, tokenizer, spec.path, identity, device, dtype)
+    return LoadedModel(model, tokenizer, spec.path, identity, device, dtype, prompt_format(tokenizer, spec.format))
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:

@@ -54,8 +54,8 @@ class Timings:
 def encode_row(lm: LoadedModel, row: dict[str, str], max_length: int, tokens: str = "content") -> Encoded:
     """`tokens`: which tokens count: all content (prompt and response) or the response alone."""
     if "text" in row:
-        return encode_text(lm.tokenizer, row["text"], max_length)
-    encoded = encode_chat(lm.tokenizer, row["prompt"], row["response"], max_length)
+        return encode_text(lm.tokenizer, row["text"], max_length, lm.format)
+    encoded = encode_chat(lm.tokenizer, row["prompt"], row["response"], max_length, lm.format)
     return dataclasses.replace(encoded, counted=encoded.response) if tokens == "response" else encoded
 
 
@@ -144,6 +144,7 @@ def score_recipe(recipe: Recipe, timings: Timings | None = None) -> tuple[Scores
         "dtype": str(model.lm.dtype).removeprefix("torch."),
         "timings": timings,
         "tokenizer": model.lm.tokenizer,  # the exports count each file's Megatron tokens with it
+        "format": model.lm.format,  # how chat rows were rendered: the mixture renders them the same way
         "evidence": evidence[0],  # for `mixopt explain` and report.html
     }
     return scores, context
@@ -180,7 +181,7 @@ def score_datasets(
     target_sample = sample_source(
         target.rows, lm, target.seed, target.icl_demos, spec.target_tokens, spec.max_length, counted
     )
-    prefix = encode_demonstrations(lm.tokenizer, target_sample.demos)
+    prefix = encode_demonstrations(lm.tokenizer, target_sample.demos, lm.format)
     target_pass = stream(f"target {target.name}", target_sample, prefix)
     shift = target_pass.shift or SourceStats(target_pass.stats.example_tokens, *_zero_like(target_pass.stats))
     latents, shift_values = sts.shifted_latents(shift.latents, k)
@@ -199,7 +200,7 @@ def score_datasets(
             icl_sample = sample_source(
                 domain.rows, lm, domain.seed, domain.icl_demos, spec.domain_tokens, spec.max_length, counted
             )
-            icl_prefix = encode_demonstrations(lm.tokenizer, icl_sample.demos)
+            icl_prefix = encode_demonstrations(lm.tokenizer, icl_sample.demos, lm.format)
             icl_samples[domain.name] = icl_sample
             icl_passes[domain.name] = stream(f"domain {domain.name} (icl)", icl_sample, icl_prefix)
 
@@ -384,7 +385,7 @@ def plan_recipe(recipe: Recipe, out: Path, force: bool = False, dry_run: bool = 
     if dry_run:
         return PlanResult(scores, allocation, None, seconds=timings.seconds)
     with staged_output(out, force, recipe.input_paths()) as staged:
-        parts = mixture_parts(recipe, allocation, scores)
+        parts = mixture_parts(recipe, allocation, scores, context["format"])
         mixture = timings.timed("mixture", lambda: build_mixture(parts, recipe.seed))
         files = timings.timed("write", lambda: write_mixture(mixture, staged, recipe.output.formats))
         digest = content_hash(mixture)

@@ -147,11 +147,30 @@ class TextTemplates(Section):
         return sorted({name for t in templates for name in template_fields(t or "")})
 
 
+class FormatSpec(Section):
+    """How a `prompt` + `response` example becomes the model's text: the tokenizer's chat template, or plain
+    text for a base model, which has none (`mixopt.encoding.PromptFormat`)."""
+
+    # auto: the chat template when the tokenizer has one, else plain (a base model: nothing else to use)
+    kind: Literal["auto", "chat", "plain"] = "auto"
+    separator: str = "\n"  # plain: between an example's prompt and its response, e.g. "\nAnswer: "
+    joiner: str = "\n\n"  # plain: after each in-context demonstration, before the next example
+
+    @model_validator(mode="after")
+    def _plain_only(self) -> FormatSpec:
+        if self.kind == "chat" and (self.separator, self.joiner) != ("\n", "\n\n"):
+            raise ValueError("separator and joiner apply to plain text; remove them, or set kind: plain (or auto)")
+        return self
+
+
 class ModelSpec(Section):
     path: str  # built-in alias, hub id, local folder, or .gguf file
     revision: str | None = None  # hub revision (branch, tag or commit)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     device: str = "auto"  # auto: CUDA when present, else CPU
+    # Left out of the resolved recipe while it is the default, so the hash of a recipe that never set it stays
+    # what it was (caches and run folders keyed by it).
+    format: FormatSpec = Field(default=FormatSpec(), exclude_if=lambda spec: spec == FormatSpec())
 
     @model_validator(mode="after")
     def _device(self) -> ModelSpec:

@@ -93,9 +93,9 @@ def corpus_encodings(recipe: SAETrainRecipe, lm: LoadedModel) -> list[Encoded]:
         max_len = recipe.training.max_length
         for row in rows:
             encoded.append(
-                encode_chat(lm.tokenizer, row["prompt"], row["response"], max_len)
+                encode_chat(lm.tokenizer, row["prompt"], row["response"], max_len, lm.format)
                 if corpus.is_chat
-                else encode_text(lm.tokenizer, row["text"], max_len)
+                else encode_text(lm.tokenizer, row["text"], max_len, lm.format)
             )
     order = np.random.default_rng(recipe.seed).permutation(len(encoded))
     return [encoded[i] for i in order]
