@@ -155,7 +155,7 @@ class PassResult:
 
 
 def _sae_width(sae: Any) -> int:
-    return int(sae.cfg.d_sae)
+    return 0 if sae is None else int(sae.cfg.d_sae)  # no SAE: latents of width 0, the residual alone
 
 
 def _counted_mask(rows: list[Encoded]) -> torch.Tensor:
@@ -175,7 +175,8 @@ def _encode_counted(
     resid = residual_stream(lm.model, input_ids, None, layer, prefix)  # (batch, seq, d_model)
     h = resid[mask.to(lm.device)]  # (counted tokens, d_model), row-major: aligned across ICL/zero-shot
     with torch.inference_mode():
-        return h.float(), sae.encode(h.float()).float()  # (tokens, d_model), (tokens, d_sae)
+        latents = sae.encode(h.float()) if sae is not None else h.new_zeros((h.shape[0], 0))  # no SAE: width 0
+        return h.float(), latents.float()  # (tokens, d_model), (tokens, d_sae)
 
 
 def run_pass(

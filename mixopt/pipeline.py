@@ -20,7 +20,7 @@ from mixopt.encoding import Encoded, encode_chat, encode_demonstrations, encode_
 from mixopt.errors import SourceError
 from mixopt.explain import Evidence, ScoredSource, collect_evidence
 from mixopt.features import PassResult, SourceStats, cached_pass, pass_key, run_pass
-from mixopt.model import LoadedModel, load_model
+from mixopt.model import LoadedModel, check_layer, load_model
 from mixopt.recipe import Recipe, STSSpec
 from mixopt.sae import check_sae, load_sae, sae_identity
 from mixopt.scores import SCORERS, DomainScore, ForecastResult, Scores
@@ -95,7 +95,7 @@ class ScoringModel:
     """The model and SAE a scoring pass reads, with what identifies them (cache keys and records)."""
 
     lm: LoadedModel
-    sae: Any  # sae_lens.SAE
+    sae: Any  # sae_lens.SAE; None: no SAE (latents have width 0, only residual scorers apply)
     layer: int
     model_name: str  # as the recipe names it (Scores.model)
     sae_name: str  # as the recipe names it (Scores.sae)
@@ -114,9 +114,13 @@ class ScoringSource:
 
 def load_scoring_model(recipe: Recipe, timings: Timings) -> ScoringModel:
     lm: LoadedModel = timings.timed("load_model", lambda: load_model(recipe.model, recipe.base_dir))
-    sae = timings.timed("load_sae", lambda: load_sae(recipe.sae, recipe.base_dir, lm.device))
-    check_sae(sae, lm, recipe.sae.layer)
-    sae_name = recipe.sae.path or f"{recipe.sae.release}/{recipe.sae.id}"
+    sae = None  # no SAE: the recipe's scorer reads the residual stream alone (checked in the recipe)
+    if recipe.sae.present:
+        sae = timings.timed("load_sae", lambda: load_sae(recipe.sae, recipe.base_dir, lm.device))
+        check_sae(sae, lm, recipe.sae.layer)
+    else:
+        check_layer(lm.model, recipe.sae.layer)
+    sae_name = recipe.sae.path or (f"{recipe.sae.release}/{recipe.sae.id}" if recipe.sae.release else "none")
     return ScoringModel(
         lm, sae, recipe.sae.layer, recipe.model.path, sae_name, sae_identity(recipe.sae, recipe.base_dir)
     )
@@ -216,13 +220,15 @@ def score_datasets(
 
     def record(name: str, sample: Sample, result: PassResult, icl: PassResult | None) -> DomainScore:
         stats = result.stats
-        variants = {v: sts.domain_score(stats.latents, stats.n_tokens, latents, v) for v in ("act", "act_sq")}
-        variants |= {f"raw_{v}": sts.domain_score(stats.resid, stats.n_tokens, raw_dims, v) for v in ("act", "act_sq")}
+        variants = {f"raw_{v}": sts.domain_score(stats.resid, stats.n_tokens, raw_dims, v) for v in ("act", "act_sq")}
+        if sae is not None:  # the SAE's own variants; without one the latents have width 0
+            variants |= {v: sts.domain_score(stats.latents, stats.n_tokens, latents, v) for v in ("act", "act_sq")}
         if icl is not None and icl.shift is not None:
             variants["icl"] = sts.domain_score(icl.shift.latents, icl.shift.n_tokens, latents, "icl")
             variants["raw_icl"] = sts.domain_score(icl.shift.resid, icl.shift.n_tokens, raw_dims, "icl")
         variants["similarity"] = sts.centered_similarity(sts.mean_residual(stats), target_mean, grand)
-        variants["random"] = sts.random_control(stats, k)
+        if sae is not None:
+            variants["random"] = sts.random_control(stats, k)
         variants |= {key: result.sources[name].value for key, result in forecasts.results.items()}
         scored = variant if variant != "icl" or "icl" in variants else "act"  # the target has no ICL pass of its own
         if variant in forecasts.results:
@@ -312,6 +318,9 @@ def forecast_scores(
     pilot = probe.Pilot(lm, [e for e in encoded if any(e.response[1:])], spec.probe, seed)
     started = time.perf_counter()
     losses = probe.probe_forecast(lm, pilot, examples, spec.batch_tokens)
+    if sae is None:  # no SAE: the loss changes alone (probe_act reads SAE latents)
+        losses.cost = probe.pilot_cost(pilot, time.perf_counter() - started)
+        return Forecasts({"probe": losses})
     shift = probe.measured_shift(lm, pilot, sae, identity, examples[target.name], spec.batch_tokens)
     measured, raw = (probe.probe_act_forecast(shift, stats, spec.top_k, raw=r) for r in (False, True))
     losses.cost = measured.cost = probe.pilot_cost(pilot, time.perf_counter() - started)

@@ -46,6 +46,8 @@ from mixopt.sources import check_columns, describe, load_source, render
 
 
 def sae_identity(spec: SAESpec, base_dir: Path) -> str:
+    if not spec.present:
+        return "none"  # the residual stream alone (a recipe whose scorer reads no latents)
     folder = resolve_sae_dir(spec, base_dir)
     if folder is None:
         return f"{spec.release}/{spec.id}"

@@ -195,6 +195,47 @@ def test_plan__runs_end_to_end_on_a_base_model_and_writes_its_plain_text(tmp_pat
     assert "type: completion" in axolotl and "chat_template" not in axolotl  # a base model needs no template
 
 
+# ------------------------------------------------------------------------------- a plan without an SAE
+
+
+def test_recipe__without_an_sae_only_scorers_that_read_no_latents_are_allowed(tmp_path: Path) -> None:
+    recipe = _gemma_workspace(tmp_path)
+    text = recipe.read_text().replace("sae: {path: ./sae, layer: 1}", "sae: {layer: 1}")
+    for scorer, ok in [("similarity", True), ("grad", True), ("raw", True), ("act", False), ("probe_act", False)]:
+        recipe.write_text(text.replace("bootstrap: 20}", f"bootstrap: 20, score: {scorer}}}"))
+        result = CliRunner().invoke(cli, ["check", str(recipe)])
+        assert (result.exit_code == 0) == ok, (scorer, result.output)
+        if not ok:
+            assert f"sae: sts.score '{scorer}' reads SAE latents: give sae.path" in result.output
+            assert "choose a scorer that reads none (raw, similarity, probe, grad)" in result.output
+
+
+def test_validate_recipe__still_needs_an_sae(tmp_path: Path) -> None:
+    from tests.test_validate import write_validate_workspace
+
+    recipe = write_validate_workspace(tmp_path)
+    recipe.write_text(recipe.read_text().replace("sae: {path: ./sae, layer: 1}", "sae: {layer: 1}"))
+    result = CliRunner().invoke(cli, ["check", str(recipe)])
+    assert result.exit_code == 2 and "sae: validation scores every scorer, STS among them" in result.output
+
+
+def test_score__without_an_sae_gives_the_residual_scores_the_sae_run_gives(tmp_path: Path) -> None:
+    from mixopt.pipeline import score_recipe
+    from mixopt.recipe import load_recipe
+
+    recipe = _gemma_workspace(tmp_path)
+    with_sae, _ = score_recipe(load_recipe(recipe))
+    recipe.write_text(recipe.read_text().replace("sae: {path: ./sae, layer: 1}", "sae: {layer: 1}"))
+    without, _ = score_recipe(load_recipe(recipe))
+    assert without.sae == "none" and without.shifted_latents == [] and "no SAE" in without.table()
+    for a, b in zip([with_sae.target, *with_sae.domains], [without.target, *without.domains], strict=True):
+        assert b.score == a.score and b.example_scores == a.example_scores  # similarity: the residual stream only
+        assert {k: b.variants[k] for k in ("similarity", "raw_act", "raw_act_sq")} == {
+            k: a.variants[k] for k in ("similarity", "raw_act", "raw_act_sq")
+        }
+        assert not {"act", "act_sq", "random"} & set(b.variants)  # no SAE, no SAE variants (not zeros)
+
+
 # ----------------------------------------------------------------------------- the chunked built-in model
 
 
