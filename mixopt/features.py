@@ -172,7 +172,7 @@ class PassResult:
 
 
 def _sae_width(sae: Any) -> int:
-    return int(sae.cfg.d_sae)
+    return 0 if sae is None else int(sae.cfg.d_sae)  # no SAE: latents of width 0, the residual alone
 
 
 def _counted_mask(rows: list[Encoded]) -> torch.Tensor:
@@ -194,7 +194,8 @@ def _encode_counted(
     # over GPUs by `placement` hands block L's output over on that block's GPU)
     h = resid[mask.to(resid.device)].to(lm.device)
     with torch.inference_mode():
-        return h.float(), sae.encode(h.float()).float()  # (tokens, d_model), (tokens, d_sae)
+        latents = sae.encode(h.float()) if sae is not None else h.new_zeros((h.shape[0], 0))  # no SAE: width 0
+        return h.float(), latents.float()  # (tokens, d_model), (tokens, d_sae)
 
 
 def run_pass(

@@ -11,6 +11,7 @@ recipe or anything it reads.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.metadata
 import json
 import os
@@ -196,6 +197,7 @@ def manifest_record(
             "identity": context["model_identity"],
             "device": context["device"],
             "dtype": context["dtype"],
+            "format": dataclasses.asdict(context["format"]) if context.get("format") else None,  # chat or plain
             "checksums": checksums(model_files),
         },
         "sae": {

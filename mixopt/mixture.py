@@ -44,7 +44,8 @@ from datasets.fingerprint import Hasher
 from mixopt.errors import MixoptError
 
 if TYPE_CHECKING:
-    from mixopt.recipe import Recipe
+    from mixopt.encoding import PromptFormat
+    from mixopt.recipe import DomainSpec, Recipe, TargetSpec
     from mixopt.scores import Scores
     from mixopt.solver import Allocation
 
@@ -545,25 +546,43 @@ def write_mixture(ds: datasets.Dataset, out: Path, formats: Sequence[str]) -> di
     return written
 
 
-def mixture_parts(recipe: Recipe, allocation: Allocation, scores: Scores) -> list[MixturePart]:
+def plain_rows(rows: datasets.Dataset, separator: str) -> datasets.Dataset:
+    """Chat rows (`prompt`, `response`) as the plain text a base model was scored on: one `text` column,
+    prompt + separator + response (`mixopt.encoding.PromptFormat`, plain); text rows as they are."""
+    if "prompt" not in rows.column_names:
+        return rows
+    table = rows.with_format("arrow")[:]  # (rows,) columns prompt, response: one Arrow join, no row loop
+    text = pc.binary_join_element_wise(table.column("prompt"), table.column("response"), separator)
+    return datasets.Dataset(pa.table({"text": text}))
+
+
+def mixture_parts(
+    recipe: Recipe, allocation: Allocation, scores: Scores, fmt: PromptFormat | None = None
+) -> list[MixturePart]:
     """The target and every domain with a nonzero count, rendered, each with its own seeded draw; with
-    `allocation.replay.select: forecast`, a domain's rows most hurt by the forecast come first."""
+    `allocation.replay.select: forecast`, a domain's rows most hurt by the forecast come first. `fmt`: the
+    model's prompt format; plain (a base model) renders chat rows as text (`plain_rows`), so the mixture
+    holds the text mixopt scored, and trainers need no chat template."""
     from mixopt.sources import rendered_rows
     from mixopt.sts import name_seed
+
+    def rendered(section: TargetSpec | DomainSpec, where: str) -> datasets.Dataset:
+        rows = rendered_rows(section, recipe, where)
+        return plain_rows(rows, fmt.separator) if fmt is not None and not fmt.chat else rows
 
     counts = {d.name: d.count for d in allocation.domains}
     scored = {d.name: d for d in scores.domains}
     parts = [
         MixturePart(
             recipe.target.name,
-            rendered_rows(recipe.target, recipe, "target"),
+            rendered(recipe.target, "target"),
             allocation.target_count,
             name_seed(recipe.seed, recipe.target.name),
         )
     ]
     for i, domain in enumerate(recipe.domains):
         if counts.get(domain.name, 0) > 0:
-            rows, seed = rendered_rows(domain, recipe, f"domains.{i}"), name_seed(recipe.seed, domain.name)
+            rows, seed = rendered(domain, f"domains.{i}"), name_seed(recipe.seed, domain.name)
             selection = None
             if recipe.allocation.replay.select == "forecast":  # the domain's own rows, most hurt first
                 d = scored[domain.name]

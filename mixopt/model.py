@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from mixopt.artifacts import BUILTIN_MODELS, builtin_gguf, dense_copy_dir, hub_offline, require_hub
+from mixopt.encoding import PromptFormat, prompt_format
 from mixopt.errors import ModelError
 from mixopt.files import files_fingerprint
 from mixopt.placement import Placement, auto_placement
@@ -43,6 +44,7 @@ class LoadedModel:
     identity: str  # content fingerprint of the weights, for caches and the manifest
     device: torch.device
     dtype: torch.dtype
+    format: PromptFormat | None = None  # how prompt/response examples are rendered; None: `prompt_format` default
 
     @property
     def n_layers(self) -> int:
@@ -151,7 +153,8 @@ def load_model(spec: ModelSpec, base_dir: Path | None = None) -> LoadedModel:
     if placement.device_map is None:  # accelerate placed a spread model's layers itself
         model.to(placement.device)
     model.eval()
-    return LoadedModel(model, tokenizer, spec.path, identity, placement.device, dtype)
+    fmt = prompt_format(tokenizer, spec.format)
+    return LoadedModel(model, tokenizer, spec.path, identity, placement.device, dtype, fmt)
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:

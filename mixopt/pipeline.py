@@ -20,7 +20,7 @@ from mixopt.encoding import Encoded, encode_chat, encode_demonstrations, encode_
 from mixopt.errors import SourceError
 from mixopt.explain import Evidence, ScoredSource, collect_evidence
 from mixopt.features import PassResult, SourceStats, cached_pass, pass_key, run_pass
-from mixopt.model import LoadedModel, load_model
+from mixopt.model import LoadedModel, check_layer, load_model
 from mixopt.recipe import Recipe, STSSpec
 from mixopt.sae import check_sae, load_sae, sae_identity
 from mixopt.scores import SCORERS, DomainScore, ForecastResult, Scores
@@ -54,8 +54,8 @@ class Timings:
 def encode_row(lm: LoadedModel, row: dict[str, str], max_length: int, tokens: str = "content") -> Encoded:
     """`tokens`: which tokens count: all content (prompt and response) or the response alone."""
     if "text" in row:
-        return encode_text(lm.tokenizer, row["text"], max_length)
-    encoded = encode_chat(lm.tokenizer, row["prompt"], row["response"], max_length)
+        return encode_text(lm.tokenizer, row["text"], max_length, lm.format)
+    encoded = encode_chat(lm.tokenizer, row["prompt"], row["response"], max_length, lm.format)
     return dataclasses.replace(encoded, counted=encoded.response) if tokens == "response" else encoded
 
 
@@ -95,7 +95,7 @@ class ScoringModel:
     """The model and SAE a scoring pass reads, with what identifies them (cache keys and records)."""
 
     lm: LoadedModel
-    sae: Any  # sae_lens.SAE
+    sae: Any  # sae_lens.SAE; None: no SAE (latents have width 0, only residual scorers apply)
     layer: int
     model_name: str  # as the recipe names it (Scores.model)
     sae_name: str  # as the recipe names it (Scores.sae)
@@ -114,9 +114,13 @@ class ScoringSource:
 
 def load_scoring_model(recipe: Recipe, timings: Timings) -> ScoringModel:
     lm: LoadedModel = timings.timed("load_model", lambda: load_model(recipe.model, recipe.base_dir))
-    sae = timings.timed("load_sae", lambda: load_sae(recipe.sae, recipe.base_dir, lm.device))
-    check_sae(sae, lm, recipe.sae.layer)
-    sae_name = recipe.sae.path or f"{recipe.sae.release}/{recipe.sae.id}"
+    sae = None  # no SAE: the recipe's scorer reads the residual stream alone (checked in the recipe)
+    if recipe.sae.present:
+        sae = timings.timed("load_sae", lambda: load_sae(recipe.sae, recipe.base_dir, lm.device))
+        check_sae(sae, lm, recipe.sae.layer)
+    else:
+        check_layer(lm.model, recipe.sae.layer)
+    sae_name = recipe.sae.path or (f"{recipe.sae.release}/{recipe.sae.id}" if recipe.sae.release else "none")
     return ScoringModel(
         lm, sae, recipe.sae.layer, recipe.model.path, sae_name, sae_identity(recipe.sae, recipe.base_dir)
     )
@@ -144,6 +148,7 @@ def score_recipe(recipe: Recipe, timings: Timings | None = None) -> tuple[Scores
         "dtype": str(model.lm.dtype).removeprefix("torch."),
         "timings": timings,
         "tokenizer": model.lm.tokenizer,  # the exports count each file's Megatron tokens with it
+        "format": model.lm.format,  # how chat rows were rendered: the mixture renders them the same way
         "evidence": evidence[0],  # for `mixopt explain` and report.html
     }
     return scores, context
@@ -180,7 +185,7 @@ def score_datasets(
     target_sample = sample_source(
         target.rows, lm, target.seed, target.icl_demos, spec.target_tokens, spec.max_length, counted
     )
-    prefix = encode_demonstrations(lm.tokenizer, target_sample.demos)
+    prefix = encode_demonstrations(lm.tokenizer, target_sample.demos, lm.format)
     target_pass = stream(f"target {target.name}", target_sample, prefix)
     shift = target_pass.shift or SourceStats(target_pass.stats.example_tokens, *_zero_like(target_pass.stats))
     latents, shift_values = sts.shifted_latents(shift.latents, k)
@@ -199,7 +204,7 @@ def score_datasets(
             icl_sample = sample_source(
                 domain.rows, lm, domain.seed, domain.icl_demos, spec.domain_tokens, spec.max_length, counted
             )
-            icl_prefix = encode_demonstrations(lm.tokenizer, icl_sample.demos)
+            icl_prefix = encode_demonstrations(lm.tokenizer, icl_sample.demos, lm.format)
             icl_samples[domain.name] = icl_sample
             icl_passes[domain.name] = stream(f"domain {domain.name} (icl)", icl_sample, icl_prefix)
 
@@ -215,13 +220,15 @@ def score_datasets(
 
     def record(name: str, sample: Sample, result: PassResult, icl: PassResult | None) -> DomainScore:
         stats = result.stats
-        variants = {v: sts.domain_score(stats.latents, stats.n_tokens, latents, v) for v in ("act", "act_sq")}
-        variants |= {f"raw_{v}": sts.domain_score(stats.resid, stats.n_tokens, raw_dims, v) for v in ("act", "act_sq")}
+        variants = {f"raw_{v}": sts.domain_score(stats.resid, stats.n_tokens, raw_dims, v) for v in ("act", "act_sq")}
+        if sae is not None:  # the SAE's own variants; without one the latents have width 0
+            variants |= {v: sts.domain_score(stats.latents, stats.n_tokens, latents, v) for v in ("act", "act_sq")}
         if icl is not None and icl.shift is not None:
             variants["icl"] = sts.domain_score(icl.shift.latents, icl.shift.n_tokens, latents, "icl")
             variants["raw_icl"] = sts.domain_score(icl.shift.resid, icl.shift.n_tokens, raw_dims, "icl")
         variants["similarity"] = sts.centered_similarity(sts.mean_residual(stats), target_mean, grand)
-        variants["random"] = sts.random_control(stats, k)
+        if sae is not None:
+            variants["random"] = sts.random_control(stats, k)
         variants |= {key: result.sources[name].value for key, result in forecasts.results.items()}
         scored = variant if variant != "icl" or "icl" in variants else "act"  # the target has no ICL pass of its own
         if variant in forecasts.results:
@@ -313,6 +320,8 @@ def forecast_scores(
     encoded = (encode_row(lm, row, spec.probe.max_length) for row in target.rows)
     pilot = probe.Pilot(lm, [e for e in encoded if any(e.response[1:])], spec.probe, seed)
     losses = probe.probe_forecast(lm, pilot, examples, spec.batch_tokens)
+    if sae is None:  # no SAE: the loss changes alone (probe_act reads SAE latents)
+        return Forecasts({"probe": losses})
     shift = probe.measured_shift(lm, pilot, sae, identity, examples[target.name], spec.batch_tokens)
     measured, raw = (probe.probe_act_forecast(shift, stats, spec.top_k, raw=r) for r in (False, True))
     measured.cost = losses.cost  # the same pilot (probe_act's one extra pass on the target is not counted)
@@ -387,12 +396,12 @@ def plan_recipe(recipe: Recipe, out: Path, force: bool = False, dry_run: bool = 
     if dry_run:
         return PlanResult(scores, allocation, None, seconds=timings.seconds)
     with staged_output(out, force, recipe.input_paths()) as staged:
-        parts = mixture_parts(recipe, allocation, scores)
+        parts = mixture_parts(recipe, allocation, scores, context["format"])
         never = recipe.output.materialize == "never"  # the blend instead of the rows: mixopt.load_mixture(OUT)
         if never:
             from mixopt.blend import BLEND, write_blend
 
-            blend = timings.timed("blend", lambda: write_blend(staged, recipe, parts))
+            blend = timings.timed("blend", lambda: write_blend(staged, recipe, parts, context["format"]))
             rows, digest, files = blend.rows, blend.sha256(), {"blend": BLEND}
         else:
             mixture = timings.timed("mixture", lambda: build_mixture(parts, recipe.seed))

@@ -62,6 +62,10 @@ SCORE_LABELS = {
     "icl": "STS icl (shifted SAE latents)",
     "raw": "raw (shifted residual dimensions)",
     "similarity": "centered similarity to the target",
+    # the forecasts of DESIGN.md 3b (every selectable scorer needs a label: `plan` plots the one it used)
+    "probe": "probe: loss change after a pilot fine-tune (nats)",
+    "grad": "grad: first-order loss change under the target's update (nats)",
+    "probe_act": "probe_act: STS act on the pilot's measured shift",
 }
 
 

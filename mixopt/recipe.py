@@ -38,7 +38,7 @@ from mixopt.errors import RecipeError, SourceError
 if TYPE_CHECKING:
     from pydantic_core import ErrorDetails
 from mixopt.files import text_digest
-from mixopt.scores import ScorerName
+from mixopt.scores import SCORERS, ScorerName
 
 Share = Annotated[float, Field(ge=0.0, le=1.0)]
 Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=64)]
@@ -174,11 +174,30 @@ class TextTemplates(Section):
         return sorted({name for t in templates for name in template_fields(t or "")})
 
 
+class FormatSpec(Section):
+    """How a `prompt` + `response` example becomes the model's text: the tokenizer's chat template, or plain
+    text for a base model, which has none (`mixopt.encoding.PromptFormat`)."""
+
+    # auto: the chat template when the tokenizer has one, else plain (a base model: nothing else to use)
+    kind: Literal["auto", "chat", "plain"] = "auto"
+    separator: str = "\n"  # plain: between an example's prompt and its response, e.g. "\nAnswer: "
+    joiner: str = "\n\n"  # plain: after each in-context demonstration, before the next example
+
+    @model_validator(mode="after")
+    def _plain_only(self) -> FormatSpec:
+        if self.kind == "chat" and (self.separator, self.joiner) != ("\n", "\n\n"):
+            raise ValueError("separator and joiner apply to plain text; remove them, or set kind: plain (or auto)")
+        return self
+
+
 class ModelSpec(Section):
     path: str  # built-in alias, hub id, local folder, or .gguf file
     revision: str | None = None  # hub revision (branch, tag or commit)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     device: str = "auto"  # auto: CUDA when present, else CPU
+    # Left out of the resolved recipe while it is the default, so the hash of a recipe that never set it stays
+    # what it was (caches and run folders keyed by it).
+    format: FormatSpec = Field(default=FormatSpec(), exclude_if=lambda spec: spec == FormatSpec())
 
     @model_validator(mode="after")
     def _device(self) -> ModelSpec:
@@ -188,6 +207,10 @@ class ModelSpec(Section):
 
 
 class SAESpec(Section):
+    """The SAE and the layer it reads. With neither `path` nor `release` there is no SAE: the residual
+    stream at `layer` alone, for a plan whose scorer reads no latents (`Scorer.sts` false: similarity, raw,
+    grad, probe), e.g. on a model no SAE has been trained for yet."""
+
     path: str | None = None  # built-in alias or local folder in sae-lens format
     release: str | None = None  # sae-lens release, with `id`
     id: str | None = None
@@ -195,11 +218,15 @@ class SAESpec(Section):
 
     @model_validator(mode="after")
     def _one_location(self) -> SAESpec:
-        if (self.path is None) == (self.release is None):
-            raise ValueError("give exactly one of 'path' (local folder or built-in) or 'release' + 'id'")
+        if self.path is not None and self.release is not None:
+            raise ValueError("give one of 'path' (local folder or built-in) or 'release' + 'id', not both")
         if (self.release is None) != (self.id is None):
             raise ValueError("'release' and 'id' go together (sae-lens pretrained SAE)")
         return self
+
+    @property
+    def present(self) -> bool:
+        return self.path is not None or self.release is not None
 
 
 class TargetSpec(TextTemplates):
@@ -384,6 +411,12 @@ class Recipe(RecipeFile):
         if (total := sum(d.max_share for d in self.domains)) < 1 - 1e-9:
             message = f"domains' max_share sum to {total:.2f} < 1, so shares cannot sum to 1; raise some"
             problems.append((("domains",), message))
+        if not self.sae.present and SCORERS[self.sts.score].sts:
+            message = (
+                f"sts.score '{self.sts.score}' reads SAE latents: give sae.path or sae.release + sae.id, or choose a "
+                f"scorer that reads none ({', '.join(n for n, s in SCORERS.items() if not s.sts and s.selectable)})"
+            )
+            problems.append((("sae",), message))
         tags = {tag for d in self.domains for tag in d.groups}
         for i, group in enumerate(self.allocation.groups):
             if group.tag not in tags:
@@ -604,6 +637,8 @@ class ValidateRecipe(RecipeFile):
     @model_validator(mode="after")
     def _consistent(self) -> ValidateRecipe:
         problems: list[tuple[tuple[str | int, ...], str]] = []
+        if not self.sae.present:  # validation reports every scorer, the STS variants among them
+            problems.append((("sae",), "validation scores every scorer, STS among them: give sae.path or sae.release"))
         named = [("sources", i, s.name) for i, s in enumerate(self.sources)]
         named += [("domains", i, d.name) for i, d in enumerate(self.domains)]
         for j, (section, i, name) in enumerate(named):

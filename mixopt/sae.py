@@ -46,6 +46,8 @@ from mixopt.sources import check_columns, describe, load_source, render
 
 
 def sae_identity(spec: SAESpec, base_dir: Path) -> str:
+    if not spec.present:
+        return "none"  # the residual stream alone (a recipe whose scorer reads no latents)
     folder = resolve_sae_dir(spec, base_dir)
     if folder is None:
         return f"{spec.release}/{spec.id}"
@@ -93,9 +95,9 @@ def corpus_encodings(recipe: SAETrainRecipe, lm: LoadedModel) -> list[Encoded]:
         max_len = recipe.training.max_length
         for row in rows:
             encoded.append(
-                encode_chat(lm.tokenizer, row["prompt"], row["response"], max_len)
+                encode_chat(lm.tokenizer, row["prompt"], row["response"], max_len, lm.format)
                 if corpus.is_chat
-                else encode_text(lm.tokenizer, row["text"], max_len)
+                else encode_text(lm.tokenizer, row["text"], max_len, lm.format)
             )
     order = np.random.default_rng(recipe.seed).permutation(len(encoded))
     return [encoded[i] for i in order]

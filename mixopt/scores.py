@@ -185,8 +185,11 @@ class Scores:
                 [name, f"{d.score:.4g}", f"[{lo:.4g}, {hi:.4g}]", f"{d.baseline:.4g}", f"{d.similarity:.3f}"]
                 + [f"{d.tokens:,}", f"{d.examples:,} of {d.available:,}"]
             )
+        shifted = f"shifted latents (top {self.top_k} of layer {self.layer}; first 10 with shift): {top}"
+        if self.sae == "none":  # a recipe without an SAE (`SAESpec.present`)
+            shifted = f"no SAE: every score reads the residual stream after block {self.layer}"
         lines = [
-            f"shifted latents (top {self.top_k} of layer {self.layer}; first 10 with shift): {top}",
+            shifted,
             "",
             render_table(header, rows, right={1, 3, 4, 5, 6}),
         ]

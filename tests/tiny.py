@@ -83,6 +83,59 @@ def tiny_llama(vocab_size: int, layers: int = 2, seed: int = 0):
     return LlamaForCausalLM(config).eval()
 
 
+def tiny_plain_tokenizer():
+    """A base model's tokenizer as Gemma 3's is built: spaces kept as "▁" on the word after them (Metaspace),
+    BOS added in front of every text, and no chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<eos>", "<bos>"]
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="never")
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=specials)
+    tok.train_from_iterator(CORPUS * 4 + ["Answer: A Answer: B Answer: C Answer: D ?.,;:#\n 0123456789"] * 2, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>")
+
+
+def tiny_gemma3(vocab_size: int, layers: int = 2, sliding_window: int = 16, seed: int = 0):
+    """Gemma 3's text architecture (Gemma3ForCausalLM, as the GGUF loads) at toy size: one sliding-window
+    layer and one global layer, as the real model interleaves them."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(seed)
+    config = Gemma3TextConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        query_pre_attn_scalar=8,
+        sliding_window=sliding_window,
+        layer_types=[("sliding_attention", "full_attention")[i % 2] for i in range(layers)],
+        max_position_embeddings=2048,
+        pad_token_id=0,
+        bos_token_id=2,
+        eos_token_id=1,
+    )
+    return Gemma3ForCausalLM(config).eval()
+
+
+def tiny_gemma_lm(identity: str, fmt=None, seed: int = 0):
+    """A LoadedModel of `tiny_gemma3` with `tiny_plain_tokenizer` on the CPU, in `fmt` (default: resolved
+    from the tokenizer, i.e. plain text)."""
+    from mixopt.encoding import prompt_format
+    from mixopt.model import LoadedModel
+
+    tokenizer = tiny_plain_tokenizer()
+    model = tiny_gemma3(len(tokenizer), seed=seed)
+    fmt = fmt or prompt_format(tokenizer)
+    return LoadedModel(model, tokenizer, "tiny-gemma3", identity, torch.device("cpu"), torch.float32, fmt)
+
+
 def tiny_lm(identity: str, dtype: torch.dtype = torch.float32, layers: int = 2, seed: int = 0):
     """A LoadedModel of `tiny_llama` on the CPU. `identity` keys its cache entries: give each model its own."""
     from mixopt.model import LoadedModel

@@ -43,7 +43,7 @@ def train_and_measure(
 
     lm = load_validation_model(recipe, dtype="float32")  # fp32 master weights; CUDA runs the forward in bf16
     n = recipe.schedule.max_length
-    examples = [e for e in (encode_chat(lm.tokenizer, p, r, n) for p, r in run.rows) if any(e.response[1:])]
+    examples = [e for e in (encode_chat(lm.tokenizer, p, r, n, lm.format) for p, r in run.rows) if any(e.response[1:])]
     key = digest(
         identity,
         fingerprint(examples, recipe.schedule, recipe.seed),
