@@ -52,12 +52,12 @@ def test_sae_train__a_second_run_reuses_activations_and_checkpoints(
     recipe = _sae_recipe(workspace, tmp_path)
     assert CliRunner().invoke(cli, ["sae", "train", str(recipe)]).exit_code == 0
 
-    import mixopt.sae
+    import mixopt.sae_data
 
     def no_forward(*args, **kwargs):
         raise AssertionError("activations are cached: no forward pass")
 
-    monkeypatch.setattr(mixopt.sae, "residual_stream", no_forward)
+    monkeypatch.setattr(mixopt.sae_data, "residual_streams", no_forward)
     again = CliRunner().invoke(cli, ["sae", "train", str(recipe)])
     assert again.exit_code == 0, again.output
     assert "resuming SAE training" in again.output
