@@ -446,6 +446,17 @@ class SAETrainRecipe(RecipeFile):
         """Every layer the activation collection caches (the recipe's own included), ascending."""
         return sorted({self.layer, *self.collect_layers})
 
+    def with_knobs(self, knobs: dict[str, Any]) -> SAETrainRecipe:
+        """A validated copy with dotted fields replaced, e.g. {"sae.aux_k_coefficient": 4, "output": "x"}."""
+        data = self.to_dict()
+        for dotted, value in knobs.items():
+            *parents, name = dotted.split(".")
+            section = data
+            for parent in parents:
+                section = section[parent]
+            section[name] = value
+        return _validated(data, self._file, self._base_dir, yaml_root=None)
+
 
 class MCQTemplates(Section):
     """How a multiple-choice row becomes a question, its choices and the correct choice."""

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from filelock import FileLock
 
 from mixopt.artifacts import (
     ModelShape,
@@ -169,6 +170,8 @@ def fit_sae(recipe: SAETrainRecipe, acts: torch.Tensor, work: Path) -> Any:
     trainer = SAETrainer(cfg=cfg, sae=sae, data_provider=_batches(acts, t.batch_size, recipe.seed, 0))
     if latest is not None:
         trainer.load_trainer_state(latest)
+        # sae-lens (6.54) saves the state before it counts the step just taken: count from the samples
+        trainer.n_training_steps = trainer.n_training_samples // t.batch_size
         # the fresh run drew NORM_BATCHES batches for the scale estimate before its first step
         skip = trainer.n_training_steps + (NORM_BATCHES if sae.cfg.normalize_activations != "none" else 0)
         trainer.data_provider = _batches(acts, t.batch_size, recipe.seed, skip)
@@ -195,8 +198,10 @@ def cached_activations(recipe: SAETrainRecipe, lm: LoadedModel | None = None) ->
     for layer in recipe.layers:
         check_layer(lm.model, layer)
     store = ActivationStore(cache_dir() / "activations" / activation_key(recipe, lm))
-    if not store.complete(recipe.layers, recipe.training.tokens):
-        collect_activations(recipe, lm, corpus_encodings(recipe, lm), store)
+    store.folder.mkdir(parents=True, exist_ok=True)
+    with FileLock(store.folder / ".collect.lock"):  # a second run on the same cache waits, then reuses it
+        if not store.complete(recipe.layers, recipe.training.tokens):
+            collect_activations(recipe, lm, corpus_encodings(recipe, lm), store)
     return store, lm
 
 
@@ -204,7 +209,7 @@ def train_sae(recipe: SAETrainRecipe) -> SAEQuality:
     """`mixopt sae train`: collect activations (resumable), fit, write the SAE + quality.json atomically."""
     started = time.perf_counter()
     store, _ = cached_activations(recipe)
-    train, heldout = store.load(recipe.layer, recipe.training.tokens).split(recipe.training.holdout)
+    train, heldout = store.load(recipe.layer, recipe.training.tokens, recipe.training.holdout)
     with contextlib.redirect_stdout(sys.stderr):  # stdout carries the quality JSON only (sae-lens prints)
         sae = fit_sae(recipe, train.acts, work_dir(recipe))
 

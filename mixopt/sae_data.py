@@ -15,6 +15,7 @@ examples [i * CHUNK, (i + 1) * CHUNK) of the seeded corpus order.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,16 +118,6 @@ class Activations:
     labels: np.ndarray  # (tokens,) int16 index into label_names
     label_names: list[str]
 
-    def split(self, holdout: float) -> tuple[Activations, Activations]:
-        """(train, held-out) by example: every round(1/holdout)-th example of the seeded corpus order is
-        held out, so the held-out set stays held out when the cache grows."""
-        period = max(2, round(1 / holdout))
-        held = self.examples % period == period - 1
-        return self.select(~held), self.select(held)
-
-    def select(self, mask: np.ndarray) -> Activations:
-        return Activations(self.acts[torch.from_numpy(mask)], self.examples[mask], self.labels[mask], self.label_names)
-
     def __len__(self) -> int:
         return len(self.examples)
 
@@ -157,20 +148,33 @@ class ActivationStore:
         meta, sizes = self._meta(), self.shard_tokens()
         if not meta:
             return False
-        needed = self.shards_for(tokens) if sum(sizes) >= tokens else math_ceil(meta["examples"], meta["chunk"])
+        needed = self.shards_for(tokens) if sum(sizes) >= tokens else math.ceil(meta["examples"] / meta["chunk"])
         return all(self.layer_shards(layer) >= needed for layer in layers)
 
-    def load(self, layer: int, tokens: int) -> Activations:
-        """The first shards of `layer` that hold `tokens` (all shards collected so far if fewer)."""
+    def load(self, layer: int, tokens: int, holdout: float) -> tuple[Activations, Activations]:
+        """(train, held-out) activations of the first shards of `layer` that hold `tokens` (all shards
+        collected so far if fewer). Every round(1/holdout)-th example of the seeded corpus order is held
+        out, so the held-out set stays held out when the cache grows. Each part is filled in place: peak
+        memory is the activations once (GBs for millions of tokens)."""
         n = min(self.shards_for(tokens), self.layer_shards(layer))
         meta = [np.load(self.folder / "tokens" / f"shard_{i:05d}.npz") for i in range(n)]
-        acts = np.concatenate([np.load(self.folder / f"layer_{layer}" / f"shard_{i:05d}.npy") for i in range(n)])
-        return Activations(
-            torch.from_numpy(acts),
-            np.concatenate([m["examples"] for m in meta]),
-            np.concatenate([m["labels"] for m in meta]),
-            self._meta()["labels"],
-        )
+        examples = np.concatenate([m["examples"] for m in meta]) if meta else np.zeros(0, np.int32)
+        labels = np.concatenate([m["labels"] for m in meta]) if meta else np.zeros(0, np.int16)
+        period = max(2, round(1 / holdout))
+        held = examples % period == period - 1
+        offsets = np.cumsum([0] + [len(m["examples"]) for m in meta])
+        shards = [np.load(self.folder / f"layer_{layer}" / f"shard_{i:05d}.npy", mmap_mode="r") for i in range(n)]
+        width = shards[0].shape[1] if shards else 0
+        parts = []
+        for mask in (~held, held):
+            acts = np.empty((int(mask.sum()), width), dtype=np.float16)  # (tokens, d_model)
+            filled = 0
+            for i, shard in enumerate(shards):
+                rows = mask[offsets[i] : offsets[i + 1]]
+                acts[filled : filled + rows.sum()] = shard[rows]
+                filled += int(rows.sum())
+            parts.append(Activations(torch.from_numpy(acts), examples[mask], labels[mask], self._meta()["labels"]))
+        return parts[0], parts[1]
 
     def write_shard(self, i: int, acts: dict[int, np.ndarray], examples: np.ndarray, labels: np.ndarray) -> None:
         """Token metadata first, then each layer's activations: a crash leaves whole files only."""
@@ -191,10 +195,6 @@ def _save(path: Path, data: np.ndarray | dict[str, np.ndarray]) -> None:
     atomic_write(path, write)
 
 
-def math_ceil(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def collect_activations(recipe: SAETrainRecipe, lm: LoadedModel, corpus: Corpus, store: ActivationStore) -> None:
     """Run the truncated forward over the corpus until every layer of `recipe.layers` holds
     `training.tokens` activations; resumes and extends. A layer behind the others catches up first."""
@@ -202,7 +202,7 @@ def collect_activations(recipe: SAETrainRecipe, lm: LoadedModel, corpus: Corpus,
     meta = {"chunk": CHUNK, "examples": len(corpus.encoded), "labels": corpus.label_names}
     write_json(store.folder / "store.json", meta)
     total, layers = recipe.training.tokens, recipe.layers
-    n_shards = math_ceil(len(corpus.encoded), CHUNK)
+    n_shards = math.ceil(len(corpus.encoded) / CHUNK)
     sizes = store.shard_tokens()
     bar = tqdm(total=total, unit="tok", unit_scale=True, desc=f"activations, layers {layers}")
     while True:

@@ -37,8 +37,13 @@ class Monosemanticity:
     monosemanticity_latents: int  # latents with enough firing examples to count
 
 
+def reconstruction(sae: object, acts: torch.Tensor, batch: int = 8192) -> Reconstruction:
+    """How well `sae` (a sae_lens.SAE) reconstructs activations (tokens, d_in), and how sparsely."""
+    return encode_all(sae, acts, batch)[0]
+
+
 @torch.no_grad()
-def _codes(sae: object, acts: torch.Tensor, batch: int) -> tuple[Reconstruction, np.ndarray]:
+def encode_all(sae: object, acts: torch.Tensor, batch: int = 8192) -> tuple[Reconstruction, np.ndarray]:
     """Reconstruction metrics and every firing as (token, latent, activation) rows."""
     err = total = raw = l0 = 0.0
     d_sae = sae.cfg.d_sae  # type: ignore[attr-defined]
@@ -107,5 +112,5 @@ def monosemanticity(firings: np.ndarray, examples: np.ndarray, labels: np.ndarra
 
 def measure_quality(sae: object, data: Activations, batch: int = 8192) -> tuple[Reconstruction, Monosemanticity]:
     """Quality of `sae` (a sae_lens.SAE) on held-out activations with their source labels."""
-    metrics, firings = _codes(sae, data.acts, batch)
+    metrics, firings = encode_all(sae, data.acts, batch)
     return metrics, monosemanticity(firings, data.examples, data.labels)
