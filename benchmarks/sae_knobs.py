@@ -38,7 +38,7 @@ def measure(recipe: SAETrainRecipe, folder: Path) -> dict[str, Any]:
     """quality.json's measures of the SAE in `folder` on `recipe`'s held-out activations."""
     from sae_lens import SAE
 
-    store, _ = cached_activations(recipe)
+    store = cached_activations(recipe)
     _, heldout = store.load(recipe.layer, recipe.training.tokens, recipe.training.holdout)
     sae = SAE.load_from_disk(folder, dtype="float32")
     reconstruction, mono = measure_quality(sae, heldout)

@@ -466,7 +466,7 @@ def sae_collect(recipe: Path) -> None:
     from mixopt.sae import cached_activations
 
     spec = load_sae_recipe(recipe)
-    store, _ = cached_activations(spec)
+    store = cached_activations(spec)
     click.echo(f"activations cached in {store.folder}")
 
 

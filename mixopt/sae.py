@@ -35,7 +35,7 @@ from mixopt.artifacts import (
 )
 from mixopt.errors import SAEError
 from mixopt.files import files_fingerprint, write_json
-from mixopt.model import LoadedModel, check_layer, load_model
+from mixopt.model import LoadedModel, check_layer, load_model, resolve_model_source
 from mixopt.quiet import quiet_libraries
 from mixopt.recipe import SAESpec, SAETrainRecipe
 from mixopt.sae_data import ActivationStore, activation_key, collect_activations, corpus_encodings
@@ -192,23 +192,25 @@ def work_dir(recipe: SAETrainRecipe) -> Path:
     return cache_dir() / "sae-train" / recipe.sha256()[:16]
 
 
-def cached_activations(recipe: SAETrainRecipe, lm: LoadedModel | None = None) -> tuple[ActivationStore, LoadedModel]:
-    """The recipe's activation cache, collected or extended first if it falls short (resumes)."""
-    lm = lm or load_model(recipe.model, recipe.base_dir)
-    for layer in recipe.layers:
-        check_layer(lm.model, layer)
-    store = ActivationStore(cache_dir() / "activations" / activation_key(recipe, lm))
+def cached_activations(recipe: SAETrainRecipe, lm: LoadedModel | None = None) -> ActivationStore:
+    """The recipe's activation cache, collected or extended first if it falls short (resumes). The model
+    is loaded only to collect: the cache's key needs its fingerprint, not its weights."""
+    identity = lm.identity if lm else resolve_model_source(recipe.model, recipe.base_dir)[1]
+    store = ActivationStore(cache_dir() / "activations" / activation_key(recipe, identity))
     store.folder.mkdir(parents=True, exist_ok=True)
     with FileLock(store.folder / ".collect.lock"):  # a second run on the same cache waits, then reuses it
         if not store.complete(recipe.layers, recipe.training.tokens):
+            lm = lm or load_model(recipe.model, recipe.base_dir)
+            for layer in recipe.layers:
+                check_layer(lm.model, layer)
             collect_activations(recipe, lm, corpus_encodings(recipe, lm), store)
-    return store, lm
+    return store
 
 
 def train_sae(recipe: SAETrainRecipe) -> SAEQuality:
     """`mixopt sae train`: collect activations (resumable), fit, write the SAE + quality.json atomically."""
     started = time.perf_counter()
-    store, _ = cached_activations(recipe)
+    store = cached_activations(recipe)
     train, heldout = store.load(recipe.layer, recipe.training.tokens, recipe.training.holdout)
     with contextlib.redirect_stdout(sys.stderr):  # stdout carries the quality JSON only (sae-lens prints)
         sae = fit_sae(recipe, train.acts, work_dir(recipe))

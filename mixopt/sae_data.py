@@ -94,13 +94,13 @@ def corpus_encodings(recipe: SAETrainRecipe, lm: LoadedModel) -> Corpus:
     return Corpus([encoded[i] for i in order], np.asarray(labels, dtype=np.int16)[order], names)
 
 
-def activation_key(recipe: SAETrainRecipe, lm: LoadedModel) -> str:
+def activation_key(recipe: SAETrainRecipe, model_identity: str) -> str:
     """Activations depend on model, corpus (its files' contents, not where they lie) and tokenization;
     not on the layer, the SAE's shape or `tokens`: sweeps, other layers and longer runs share them."""
     data = [d.model_dump(mode="json", exclude={"source": {"path"}}) for d in recipe.data]
     contents = [files_fingerprint(d.source.paths(recipe.base_dir)) for d in recipe.data]
     fields = {
-        "model": lm.identity,
+        "model": model_identity,
         "data": data,
         "contents": contents,
         "seed": recipe.seed,

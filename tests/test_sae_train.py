@@ -53,12 +53,14 @@ def test_sae_train__a_second_run_reuses_activations_and_checkpoints(
     recipe = _sae_recipe(workspace, tmp_path)
     assert CliRunner().invoke(cli, ["sae", "train", str(recipe)]).exit_code == 0
 
+    import mixopt.sae
     import mixopt.sae_data
 
     def no_forward(*args, **kwargs):
         raise AssertionError("activations are cached: no forward pass")
 
     monkeypatch.setattr(mixopt.sae_data, "residual_streams", no_forward)
+    monkeypatch.setattr(mixopt.sae, "load_model", no_forward)  # nor a model load: the cache key needs none
     again = CliRunner().invoke(cli, ["sae", "train", str(recipe)])
     assert again.exit_code == 0, again.output
     assert "resuming SAE training" in again.output
@@ -84,7 +86,7 @@ def _store(recipe, lm):
     from mixopt.artifacts import cache_dir
     from mixopt.sae_data import ActivationStore, activation_key
 
-    return ActivationStore(cache_dir() / "activations" / activation_key(recipe, lm))
+    return ActivationStore(cache_dir() / "activations" / activation_key(recipe, lm.identity))
 
 
 @pytest.fixture
@@ -115,7 +117,7 @@ def test_activation_cache__extends_and_caches_two_layers_from_one_forward_pass(
         return real(model, ids, mask, layers)
 
     monkeypatch.setattr(mixopt.sae_data, "residual_streams", counted)
-    store, _ = cached_activations(small, lm)
+    store = cached_activations(small, lm)
     first = [store.folder / f"layer_{layer}" / "shard_00000.npy" for layer in (0, 1)]
     before = [p.read_bytes() for p in first]
     n_small = store.layer_shards(1)
@@ -172,7 +174,7 @@ def test_activation_cache__a_later_layer_catches_up_without_redoing_the_first(
 
     only_one = _train_recipe(workspace, tmp_path, tokens=300, layers="[]")
     lm = load_model(only_one.model, only_one.base_dir)
-    store, _ = cached_activations(only_one, lm)
+    store = cached_activations(only_one, lm)
     assert store.layer_shards(0) == 0 and store.layer_shards(1) > 0
     calls: list[list[int]] = []
     real = mixopt.sae_data.residual_streams
@@ -307,3 +309,10 @@ def test_with_knobs__replaces_dotted_fields_and_validates(workspace: Path, tmp_p
     assert changed.base_dir == recipe.base_dir and changed.sha256() != recipe.sha256()
     with pytest.raises(RecipeError, match="aux_k_coefficient"):
         recipe.with_knobs({"sae.aux_k_coefficient": -1})
+
+
+def test_check__refuses_a_collect_layer_the_model_does_not_have(workspace: Path, tmp_path: Path) -> None:
+    recipe = _sae_recipe(workspace, tmp_path)
+    recipe.write_text(recipe.read_text().replace("layer: 1\n", "layer: 1\ncollect_layers: [0, 7]\n"))
+    result = CliRunner().invoke(cli, ["check", str(recipe)])
+    assert result.exit_code == 2 and "collect_layers" in result.output and "0..1" in result.output
