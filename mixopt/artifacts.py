@@ -57,7 +57,11 @@ BUILTIN_MODELS = {
     ),
 }
 # alias -> folder under mixopt/assets/sae
-BUILTIN_SAES = {"smollm2-135m-instruct-res-l22": "smollm2-135m-instruct-res-l22"}
+# (trained by recipes/sae-smollm2-135m-instruct.yaml and recipes/sae-smollm2-135m-instruct-l15.yaml)
+BUILTIN_SAES = {
+    "smollm2-135m-instruct-res-l22": "smollm2-135m-instruct-res-l22",
+    "smollm2-135m-instruct-res-l15": "smollm2-135m-instruct-res-l15",
+}
 HUB_PROBE_SECONDS = 5.0  # one connection attempt; huggingface_hub itself retries an unreachable hub for ~25 s
 
 
@@ -151,6 +155,11 @@ def resolve_sae_dir(spec: SAESpec, base_dir: Path) -> Path | None:
     if spec.path is None:
         return None
     folder = builtin_sae_dir(spec.path) if spec.path in BUILTIN_SAES else (base_dir / spec.path).resolve()
+    if spec.path in BUILTIN_SAES and not (folder / "cfg.json").is_file():
+        raise SAEError(
+            f"sae.path: built-in SAE '{spec.path}' is not shipped in this install ({folder}); train it with "
+            "`mixopt sae train` and its recipe under recipes/, or use another SAE"
+        )
     if not (folder / "cfg.json").is_file():
         raise SAEError(f"sae.path: no sae-lens SAE at {folder} (expected cfg.json + sae_weights.safetensors)")
     return folder

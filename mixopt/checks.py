@@ -110,8 +110,9 @@ def _model_problems(recipe: AnyRecipe) -> list[Problem]:
             return [("sae.path", str(err))]
     if model is None:  # a config that names its shape otherwise: the run checks the loaded model
         return []
-    if isinstance(recipe, SAETrainRecipe):
-        return fit_problems(model, None, recipe.layer, "layer")
+    if isinstance(recipe, SAETrainRecipe):  # every layer the activation cache collects must exist
+        fields = {layer: "layer" if layer == recipe.layer else "collect_layers" for layer in recipe.layers}
+        return [problem for layer, field in fields.items() for problem in fit_problems(model, None, layer, field)]
     return fit_problems(model, sae, recipe.sae.layer, "sae.layer")
 
 

@@ -477,5 +477,23 @@ def sae_train(recipe: Path) -> None:
     click.echo(f"SAE written to {(spec.base_dir / spec.output).resolve()}")
 
 
+@sae.command("collect")
+@click.argument("recipe", type=click.Path(path_type=Path))
+@user_errors
+def sae_collect(recipe: Path) -> None:
+    """Only cache the activations an SAE training RECIPE needs (`training.tokens` at `layer` and
+    `collect_layers`, from one forward pass), without training. Resumes; a larger `tokens` extends.
+
+    \b
+    e.g. mixopt sae collect recipes/sae-smollm2-135m-instruct.yaml
+    """
+    from mixopt.recipe import load_sae_recipe
+    from mixopt.sae import cached_activations
+
+    spec = load_sae_recipe(recipe)
+    store = cached_activations(spec)
+    click.echo(f"activations cached in {store.folder}")
+
+
 def main() -> None:
     cli()

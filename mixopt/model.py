@@ -20,6 +20,7 @@ import inspect
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -194,18 +195,38 @@ def residual_stream(
     continues, e.g. in-context demonstrations: computed once, not once per row.
     Shapes: ids (batch, seq) -> (batch, seq, d_model), positions of `input_ids` only.
     """
-    block = decoder_layers(model)[layer]
-    captured: list[torch.Tensor] = []
+    return residual_streams(model, input_ids, attention_mask, [layer], prefix)[layer]
 
-    def capture(_module: nn.Module, _inputs: object, output: object) -> None:
-        captured.append(output[0] if isinstance(output, tuple) else output)
-        raise _Stop
+
+@torch.inference_mode()
+def residual_streams(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    layers: list[int],
+    prefix: Any | None = None,
+) -> dict[int, torch.Tensor]:
+    """`residual_stream` at several layers from ONE forward pass, which stops after the deepest of them.
+
+    Shapes: ids (batch, seq) -> {layer: (batch, seq, d_model)}.
+    """
+    blocks = decoder_layers(model)
+    deepest = max(layers)
+    captured: dict[int, torch.Tensor] = {}
+
+    def capture_at(layer: int) -> Callable[[nn.Module, object, object], None]:
+        def capture(_module: nn.Module, _inputs: object, output: object) -> None:
+            captured[layer] = output[0] if isinstance(output, tuple) else output
+            if layer == deepest:
+                raise _Stop
+
+        return capture
 
     cache = None
     if prefix is not None:  # each call extends its own copy, so the prefix stays reusable
         cache = copy.deepcopy(prefix)
         cache.batch_repeat_interleave(input_ids.shape[0])
-    handle = block.register_forward_hook(capture)
+    handles = [blocks[layer].register_forward_hook(capture_at(layer)) for layer in sorted(set(layers))]
     try:
         model(
             input_ids=input_ids,
@@ -216,8 +237,9 @@ def residual_stream(
     except _Stop:
         pass
     finally:
-        handle.remove()
-    return captured[0]
+        for handle in handles:
+            handle.remove()
+    return captured
 
 
 def _cache_kwarg(model: nn.Module, cache: Any | None) -> dict[str, Any]:

@@ -461,7 +461,11 @@ class CorpusSpec(TextTemplates):
     """Text an SAE is trained on."""
 
     source: SourceSpec
-    max_examples: Annotated[int, Field(gt=0)] | None = None
+    max_examples: Annotated[int, Field(gt=0)] | None = None  # per file when `label_by_file`
+    # Where each held-out token came from (quality.json's monosemanticity): tokens are labelled `name`,
+    # or `name:<file stem>` per file of a multi-file source with `label_by_file` (e.g. one MMLU subject).
+    name: Name | None = None  # default: the source's first file stem (or hub id)
+    label_by_file: bool = False
 
     @model_validator(mode="after")
     def _streamed(self) -> CorpusSpec:
@@ -474,6 +478,9 @@ class SAEArchitectureSpec(Section):
     d_sae: Annotated[int, Field(gt=0)] = 4608  # latents (8x the embedded model's width)
     k: Annotated[int, Field(gt=0)] = 32  # active latents per token (topk)
     l1_coefficient: Annotated[float, Field(gt=0)] = 5.0  # sparsity penalty (standard)
+    # topk: weight of sae-lens's aux-k loss, where dead latents reconstruct the live ones' residual error
+    # (Gao et al. 2024, appendix A.2); 0 turns it off
+    aux_k_coefficient: Annotated[float, Field(ge=0)] = 1.0
 
 
 class SAETrainingSpec(Section):
@@ -485,6 +492,10 @@ class SAETrainingSpec(Section):
     max_length: Annotated[int, Field(gt=0)] = 512
     batch_tokens: Annotated[int, Field(gt=0)] = 4096  # padded tokens per forward batch
     checkpoints: Annotated[int, Field(ge=0)] = 4  # a stopped run resumes from the last one
+    lr_end_fraction: Annotated[float, Field(gt=0, le=1)] = 0.1  # cosine decay ends at lr * this
+    # a latent that has not fired for this many training tokens counts as dead (the aux-k loss then trains
+    # it); None: a tenth of the run, as before
+    dead_tokens: Annotated[int, Field(gt=0)] | None = None
 
 
 class SAETrainRecipe(RecipeFile):
@@ -495,10 +506,29 @@ class SAETrainRecipe(RecipeFile):
     seed: int = 0
     model: ModelSpec
     layer: Annotated[int, Field(ge=0)]  # residual stream after this block
+    # more layers cached by the same truncated forward pass (it stops at the deepest), so an SAE recipe at
+    # one of them with the same model and data trains without a forward pass of its own
+    collect_layers: list[Annotated[int, Field(ge=0)]] = []
     data: Annotated[list[CorpusSpec], Field(min_length=1)]
     sae: SAEArchitectureSpec = SAEArchitectureSpec()
     training: SAETrainingSpec = SAETrainingSpec()
     output: str  # folder the SAE is saved to (sae-lens format), relative to the recipe file
+
+    @property
+    def layers(self) -> list[int]:
+        """Every layer the activation collection caches (the recipe's own included), ascending."""
+        return sorted({self.layer, *self.collect_layers})
+
+    def with_knobs(self, knobs: dict[str, Any]) -> SAETrainRecipe:
+        """A validated copy with dotted fields replaced, e.g. {"sae.aux_k_coefficient": 4, "output": "x"}."""
+        data = self.to_dict()
+        for dotted, value in knobs.items():
+            *parents, name = dotted.split(".")
+            section = data
+            for parent in parents:
+                section = section[parent]
+            section[name] = value
+        return _validated(data, self._file, self._base_dir, yaml_root=None)
 
 
 class MCQTemplates(Section):

@@ -3,15 +3,14 @@
 Loading: a local folder in sae-lens format (`cfg.json` + `sae_weights.safetensors`), a built-in alias
 (an SAE shipped inside mixopt), or a sae-lens `release` + `id` (same code path, needs the hub).
 Training (`mixopt sae train`): activations from our own truncated forward pass are collected once into
-resumable on-disk shards, then sae-lens's `SAETrainer` fits the SAE on them with checkpoints.
+resumable, extendable on-disk shards (`sae_data`), then sae-lens's `SAETrainer` fits the SAE on them with
+checkpoints, and `sae_quality` measures it on held-out examples.
 `import sae_lens` costs ~5 s (it imports transformer_lens), so it happens only inside these functions.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
-import math
 import os
 import shutil
 import sys
@@ -21,9 +20,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from tqdm.auto import tqdm
+from filelock import FileLock
 
 from mixopt.artifacts import (
     ModelShape,
@@ -35,14 +33,13 @@ from mixopt.artifacts import (
     resolve_sae_dir,
     sae_shape,
 )
-from mixopt.batching import length_batches, pad_right
-from mixopt.encoding import Encoded, encode_chat, encode_text
 from mixopt.errors import SAEError
-from mixopt.files import Digest, atomic_write, files_fingerprint
-from mixopt.model import LoadedModel, check_layer, load_model, residual_stream
+from mixopt.files import files_fingerprint, write_json
+from mixopt.model import LoadedModel, check_layer, load_model, resolve_model_source
 from mixopt.quiet import quiet_libraries
 from mixopt.recipe import SAESpec, SAETrainRecipe
-from mixopt.sources import check_columns, describe, load_source, render
+from mixopt.sae_data import ActivationStore, activation_key, collect_activations, corpus_encodings
+from mixopt.sae_quality import measure_quality
 
 
 def sae_identity(spec: SAESpec, base_dir: Path) -> str:
@@ -85,124 +82,30 @@ def check_sae(sae: Any, lm: LoadedModel, layer: int) -> None:
 # ---------------------------------------------------------------- training
 
 
-def corpus_encodings(recipe: SAETrainRecipe, lm: LoadedModel) -> list[Encoded]:
-    """Every corpus example encoded, interleaved in a seeded order so any prefix mixes all sources."""
-    encoded: list[Encoded] = []
-    for i, corpus in enumerate(recipe.data):
-        ds = load_source(corpus.source, recipe.base_dir, corpus.max_examples)
-        check_columns(ds, corpus, f"data.{i} ({describe(corpus.source)})")
-        rows = render(ds.select(range(min(len(ds), corpus.max_examples or len(ds)))), corpus)
-        max_len = recipe.training.max_length
-        for row in rows:
-            encoded.append(
-                encode_chat(lm.tokenizer, row["prompt"], row["response"], max_len, lm.format)
-                if corpus.is_chat
-                else encode_text(lm.tokenizer, row["text"], max_len, lm.format)
-            )
-    order = np.random.default_rng(recipe.seed).permutation(len(encoded))
-    return [encoded[i] for i in order]
-
-
-def activation_key(recipe: SAETrainRecipe, lm: LoadedModel) -> str:
-    """Activations depend on model, layer, corpus and limits, not on the SAE's shape: a sweep reuses them."""
-    fields = {
-        "model": lm.identity,
-        "layer": recipe.layer,
-        "data": [d.model_dump(mode="json") for d in recipe.data],
-        "base": str(recipe.base_dir),
-        "seed": recipe.seed,
-        "max_length": recipe.training.max_length,
-    }  # not `tokens`: a longer run extends the same stream
-    return Digest().add(fields).hex(16)
-
-
-@dataclass
-class ActivationShards:
-    """Residual activations on disk: fp16 `.npy` shards written one forward batch group at a time."""
-
-    folder: Path
-
-    def shards(self) -> list[Path]:
-        return sorted(self.folder.glob("shard_*.npy"))
-
-    def progress(self) -> dict[str, int]:
-        path = self.folder / "progress.json"
-        return json.loads(path.read_text()) if path.exists() else {"examples": 0, "tokens": 0}
-
-    def append(self, acts: np.ndarray, examples: int, tokens: int) -> None:
-        name = self.folder / f"shard_{len(self.shards()):05d}.npy"
-        half = acts.astype(np.float16)
-        atomic_write(name, lambda tmp: np.save(tmp.open("wb"), half))
-        # progress is written after the shard, so a crash between the two only repeats one shard's work
-        (self.folder / "progress.json").write_text(json.dumps({"examples": examples, "tokens": tokens}))
-
-    def load(self) -> torch.Tensor:
-        return torch.from_numpy(np.concatenate([np.load(p) for p in self.shards()]))
-
-
-def collect_activations(
-    recipe: SAETrainRecipe, lm: LoadedModel, encoded: list[Encoded], store: ActivationShards
-) -> None:
-    """Run the truncated forward over the corpus until `training.tokens` activations are on disk (resumes)."""
-    done = store.progress()
-    total = recipe.training.tokens
-    bar = tqdm(total=total, initial=min(done["tokens"], total), unit="tok", unit_scale=True, desc="activations")
-    start = done["examples"]
-    chunk = 256  # examples per shard: small enough to lose little on a crash
-    while done["tokens"] < total and start < len(encoded):
-        group = encoded[start : start + chunk]
-        acts = []
-        for batch in length_batches([len(e) for e in group], recipe.training.batch_tokens):
-            ids, mask = pad_right([group[i].ids for i in batch], lm.tokenizer.pad_token_id or 0, lm.device)
-            resid = residual_stream(lm.model, ids, mask, recipe.layer)  # (batch, seq, d_model)
-            counted = torch.zeros_like(mask, dtype=torch.bool)
-            for b, i in enumerate(batch):
-                counted[b, : len(group[i])] = torch.tensor(group[i].counted)
-            acts.append(resid[counted].float().cpu().numpy())
-        block = np.concatenate(acts)
-        start += len(group)
-        done = {"examples": start, "tokens": done["tokens"] + len(block)}
-        store.append(block, **done)
-        bar.update(len(block))
-    bar.close()
-
-
 @dataclass
 class SAEQuality:
-    explained_variance: float  # 1 - sum ||x - x_hat||^2 / sum ||x - mean||^2, on held-out activations
+    """quality.json: the SAE on held-out activations (sae_quality), with what it was trained on and how."""
+
+    explained_variance: float  # 1 - sum ||x - x_hat||^2 / sum ||x - mean||^2
     normalized_mse: float  # sum ||x - x_hat||^2 / sum ||x||^2
     mean_l0: float  # active latents per token
     dead_fraction: float  # latents that never fire on held-out activations
+    dense_fraction: float  # latents that fire on > 10% of held-out tokens
+    monosemanticity: float  # top-20 examples of a latent: share from its most common source/subject, mean
+    monosemanticity_chance: float  # the same share for 20 random held-out examples
+    monosemanticity_latents: int  # latents with >= 20 firing held-out examples (the mean's latents)
     tokens_train: int
     tokens_heldout: int
     d_in: int
     d_sae: int
     architecture: str
+    k: int | None
+    aux_k_coefficient: float | None
+    epochs: float
+    lr: float
+    dead_tokens: int  # the aux-k loss's dead-latent window, in training tokens
     layer: int
     wall_seconds: float
-
-
-@torch.no_grad()
-def measure_quality(sae: Any, acts: torch.Tensor, batch: int = 8192) -> dict[str, float]:
-    """Reconstruction and sparsity of `sae` on activations (n, d_in)."""
-    err = total = raw = l0 = 0.0
-    fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool)
-    mean = acts.float().mean(0)
-    for chunk in acts.split(batch):
-        x = chunk.float()
-        feats = sae.encode(x)
-        x_hat = sae.decode(feats)
-        err += (x - x_hat).pow(2).sum().item()
-        total += (x - mean).pow(2).sum().item()
-        raw += x.pow(2).sum().item()
-        l0 += (feats > 0).sum().item()
-        fired |= (feats > 0).any(0)
-    return {
-        "explained_variance": 1 - err / total,
-        "normalized_mse": err / raw,
-        "mean_l0": l0 / len(acts),
-        "dead_fraction": 1 - fired.float().mean().item(),
-    }
 
 
 def _batches(acts: torch.Tensor, batch_size: int, seed: int, skip: int) -> Iterator[torch.Tensor]:
@@ -223,41 +126,56 @@ def _training_sae(recipe: SAETrainRecipe, d_in: int) -> Any:
     # sae-lens estimates a scale that brings inputs to norm sqrt(d_in), and folds it back in on save.
     common = {"d_in": d_in, "d_sae": recipe.sae.d_sae, "normalize_activations": "expected_average_only_in"}
     if recipe.sae.architecture == "topk":
-        return TopKTrainingSAE(TopKTrainingSAEConfig(k=recipe.sae.k, **common))
+        config = TopKTrainingSAEConfig(k=recipe.sae.k, aux_loss_coefficient=recipe.sae.aux_k_coefficient, **common)
+        return TopKTrainingSAE(config)
     return StandardTrainingSAE(StandardTrainingSAEConfig(l1_coefficient=recipe.sae.l1_coefficient, **common))
 
 
+def training_steps(recipe: SAETrainRecipe, n_train: int) -> tuple[int, int]:
+    """(total training samples, dead-latent window in steps) for `n_train` training activations."""
+    t = recipe.training
+    total = int(t.epochs * n_train) // t.batch_size * t.batch_size
+    steps = total // t.batch_size
+    window = max(1, t.dead_tokens // t.batch_size) if t.dead_tokens else max(50, steps // 10)
+    return total, window
+
+
+NORM_BATCHES = 50  # batches sae-lens reads to estimate the activation scale, before the first step
+
+
 def fit_sae(recipe: SAETrainRecipe, acts: torch.Tensor, work: Path) -> Any:
-    """Train with sae-lens's SAETrainer on in-memory activations; resumes from the last checkpoint."""
+    """Train with sae-lens's SAETrainer on in-memory activations; resumes from the last checkpoint with
+    the same result as an uninterrupted run (same weights, optimizer, counters and batch stream)."""
     from sae_lens.config import SAETrainerConfig
     from sae_lens.training.sae_trainer import SAETrainer
 
     torch.manual_seed(recipe.seed)
     t = recipe.training
-    total = int(t.epochs * len(acts)) // t.batch_size * t.batch_size
+    total, window = training_steps(recipe, len(acts))
     cfg = SAETrainerConfig(
         total_training_samples=total,
         train_batch_size_samples=t.batch_size,
         lr=t.lr,
-        lr_end=t.lr / 10,
+        lr_end=t.lr * t.lr_end_fraction,
         lr_scheduler_name="cosineannealing",
         lr_warm_up_steps=min(100, total // t.batch_size // 10),
         n_checkpoints=t.checkpoints,
         checkpoint_path=str(work / "checkpoints"),
-        n_batches_for_norm_estimate=50,
-        dead_feature_window=max(50, total // t.batch_size // 10),
+        n_batches_for_norm_estimate=NORM_BATCHES,
+        dead_feature_window=window,
         feature_sampling_window=10**9,
     )
     sae = _training_sae(recipe, acts.shape[1])
-    checkpoints = sorted((work / "checkpoints").glob("*/trainer_state.pt"), key=lambda p: p.stat().st_mtime)
-    skip = 0
-    if checkpoints:  # resume: weights, optimizer, scheduler and counters from the newest checkpoint
-        latest = checkpoints[-1].parent
+    latest = latest_checkpoint(work / "checkpoints")
+    if latest is not None:  # resume: weights, optimizer, scheduler, scale and counters
         sae = type(sae).load_from_disk(latest)
     trainer = SAETrainer(cfg=cfg, sae=sae, data_provider=_batches(acts, t.batch_size, recipe.seed, 0))
-    if checkpoints:
+    if latest is not None:
         trainer.load_trainer_state(latest)
-        skip = trainer.n_training_steps
+        # sae-lens (6.54) saves the state before it counts the step just taken: count from the samples
+        trainer.n_training_steps = trainer.n_training_samples // t.batch_size
+        # the fresh run drew NORM_BATCHES batches for the scale estimate before its first step
+        skip = trainer.n_training_steps + (NORM_BATCHES if sae.cfg.normalize_activations != "none" else 0)
         trainer.data_provider = _batches(acts, t.batch_size, recipe.seed, skip)
         print(
             f"resuming SAE training from {latest.name} ({trainer.n_training_samples:,} samples done)", file=sys.stderr
@@ -265,21 +183,39 @@ def fit_sae(recipe: SAETrainRecipe, acts: torch.Tensor, work: Path) -> Any:
     return trainer.fit()
 
 
+def latest_checkpoint(folder: Path) -> Path | None:
+    """The checkpoint with the most training samples (sae-lens names them by that count)."""
+    done = [p.parent for p in folder.glob("*/trainer_state.pt")]
+    return max(done, key=lambda p: int(p.name.rsplit("_", 1)[-1]), default=None)
+
+
+def work_dir(recipe: SAETrainRecipe) -> Path:
+    """Checkpoints of this recipe's training run (its content decides: a changed knob starts afresh)."""
+    return cache_dir() / "sae-train" / recipe.sha256()[:16]
+
+
+def cached_activations(recipe: SAETrainRecipe, lm: LoadedModel | None = None) -> ActivationStore:
+    """The recipe's activation cache, collected or extended first if it falls short (resumes). The model
+    is loaded only to collect: the cache's key needs its fingerprint, not its weights."""
+    identity = lm.identity if lm else resolve_model_source(recipe.model, recipe.base_dir)[1]
+    store = ActivationStore(cache_dir() / "activations" / activation_key(recipe, identity))
+    store.folder.mkdir(parents=True, exist_ok=True)
+    with FileLock(store.folder / ".collect.lock"):  # a second run on the same cache waits, then reuses it
+        if not store.complete(recipe.layers, recipe.training.tokens):
+            lm = lm or load_model(recipe.model, recipe.base_dir)
+            for layer in recipe.layers:
+                check_layer(lm.model, layer)
+            collect_activations(recipe, lm, corpus_encodings(recipe, lm), store)
+    return store
+
+
 def train_sae(recipe: SAETrainRecipe) -> SAEQuality:
     """`mixopt sae train`: collect activations (resumable), fit, write the SAE + quality.json atomically."""
     started = time.perf_counter()
-    lm = load_model(recipe.model, recipe.base_dir)
-    check_layer(lm.model, recipe.layer)
-    work = cache_dir() / "sae-train" / recipe.sha256()[:16]
-    store = ActivationShards(cache_dir() / "activations" / activation_key(recipe, lm))
-    store.folder.mkdir(parents=True, exist_ok=True)
-    if store.progress()["tokens"] < recipe.training.tokens:
-        collect_activations(recipe, lm, corpus_encodings(recipe, lm), store)
-    acts = store.load()
-    n_heldout = max(1, math.ceil(len(acts) * recipe.training.holdout))
-    train, heldout = acts[:-n_heldout], acts[-n_heldout:]
+    store = cached_activations(recipe)
+    train, heldout = store.load(recipe.layer, recipe.training.tokens, recipe.training.holdout)
     with contextlib.redirect_stdout(sys.stderr):  # stdout carries the quality JSON only (sae-lens prints)
-        sae = fit_sae(recipe, train, work)
+        sae = fit_sae(recipe, train.acts, work_dir(recipe))
 
     from sae_lens import SAE
 
@@ -289,19 +225,27 @@ def train_sae(recipe: SAETrainRecipe) -> SAEQuality:
     sae.cfg.metadata.hook_name = f"blocks.{recipe.layer}.hook_resid_post"
     sae.cfg.metadata.model_name = recipe.model.path
     sae.save_inference_model(staged)
-    inference = SAE.load_from_disk(staged, dtype="float32")
+    _to_fp16(staged)
+    inference = SAE.load_from_disk(staged, dtype="float32")  # measured as shipped: fp16 weights
+    reconstruction, mono = measure_quality(inference, heldout)
+    topk = recipe.sae.architecture == "topk"
     quality = SAEQuality(
-        **measure_quality(inference, heldout),
+        **asdict(reconstruction),
+        **asdict(mono),
         tokens_train=len(train),
         tokens_heldout=len(heldout),
-        d_in=acts.shape[1],
+        d_in=train.acts.shape[1],
         d_sae=recipe.sae.d_sae,
         architecture=recipe.sae.architecture,
+        k=recipe.sae.k if topk else None,
+        aux_k_coefficient=recipe.sae.aux_k_coefficient if topk else None,
+        epochs=recipe.training.epochs,
+        lr=recipe.training.lr,
+        dead_tokens=training_steps(recipe, len(train))[1] * recipe.training.batch_size,
         layer=recipe.layer,
         wall_seconds=round(time.perf_counter() - started, 1),
     )
-    _to_fp16(staged)
-    (staged / "quality.json").write_text(json.dumps(asdict(quality), indent=1) + "\n")
+    write_json(staged / "quality.json", asdict(quality))
     shutil.rmtree(out, ignore_errors=True)
     os.replace(staged, out)
     return quality

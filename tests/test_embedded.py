@@ -19,7 +19,8 @@ from mixopt.cli import cli
 from mixopt.encoding import encode_chat
 from mixopt.model import load_model, residual_stream
 from mixopt.recipe import ModelSpec, SAESpec
-from mixopt.sae import check_sae, load_sae, measure_quality
+from mixopt.sae import check_sae, load_sae
+from mixopt.sae_quality import reconstruction
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("MIXOPT_DATA", REPO.parent / "shared" / "data"))
@@ -46,9 +47,9 @@ def test_shipped_sae__fits_the_model_and_reconstructs_heldout_text_at_its_record
         enc = encode_chat(lm.tokenizer, prompt, response, 512)
         ids = torch.tensor([enc.ids])
         acts.append(residual_stream(lm.model, ids, torch.ones_like(ids), LAYER)[0][torch.tensor(enc.counted)])
-    quality = measure_quality(sae, torch.cat(acts))
-    assert quality["explained_variance"] >= recorded["explained_variance"] - 0.05
-    assert quality["mean_l0"] <= recorded["mean_l0"] + 1e-6
+    quality = reconstruction(sae, torch.cat(acts))
+    assert quality.explained_variance >= recorded["explained_variance"] - 0.05
+    assert quality.mean_l0 <= recorded["mean_l0"] + 1e-6
 
 
 @pytest.mark.slow
