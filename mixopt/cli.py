@@ -119,8 +119,12 @@ def score(recipe: Path, out: Path | None, as_json: bool) -> None:
 
     Feature statistics and forecasts are cached under $MIXOPT_CACHE: a second run does no forward pass.
 
+    Under torchrun (or accelerate launch) every rank scores its share of each pass's batches and rank 0
+    writes: the scores equal one process's (README, "Scale").
+
     \b
     e.g. mixopt score recipes/quickstart.yaml --out runs/quickstart-scores.json
+         torchrun --nproc-per-node 8 -m mixopt score recipe.yaml --out scores.json
     """
     from mixopt import distributed
     from mixopt.checks import check_static
@@ -186,9 +190,12 @@ def plan(recipe: Path, out: Path | None, force: bool, seed: int | None, dry_run:
     OUT/explain.json and OUT/report.html (one self-contained page), all at once (a temp folder renamed
     into place).
 
+    With output.materialize: never, OUT/blend.json replaces the rows; mixopt.load_mixture(OUT) streams them.
+
     \b
     e.g. mixopt plan recipes/quickstart.yaml --budget 2000
          mixopt plan recipes/quickstart.yaml --budget 500000 --unit tokens --out runs/q --force
+         torchrun --nproc-per-node 8 -m mixopt plan recipe.yaml --budget 100000   (rank 0 writes OUT)
     """
     from mixopt import distributed
     from mixopt.pipeline import plan_recipe

@@ -124,14 +124,18 @@ def test_two_ranks__give_the_scores_json_of_one_process(workspace: Path, tmp_pat
 def test_two_ranks__plan_writes_the_mixture_of_one_process_and_only_rank_0_writes(
     workspace: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    args = ["plan", str(workspace), "--budget", "60", "--out"]
+    recipe = _recipe_with(
+        workspace, tmp_path / "ws", "{top_k: 8, target_tokens: 300, domain_tokens: 200, bootstrap: 50}"
+    )
+    recipe.write_text(recipe.read_text().replace("formats: [arrow, parquet]}", "formats: [arrow]}"))  # no exports
+    args = ["plan", str(recipe), "--budget", "60", "--out"]
     one_process(tmp_path / "cache-1", [*args, str(tmp_path / "one")], monkeypatch)
     assert run_ranks(2, tmp_path / "cache-2", [*args, str(tmp_path / "two")]) == [0, 0]
     manifests = [json.loads((tmp_path / run / "manifest.json").read_text()) for run in ("one", "two")]
     assert manifests[1]["dataset"]["content_sha256"] == manifests[0]["dataset"]["content_sha256"]
     assert manifests[1]["allocation"] == manifests[0]["allocation"]
     assert_same_scores(tmp_path / "one" / "scores.json", tmp_path / "two" / "scores.json")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache-1", "cache-2", "one", "two"]  # no stray stage
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache-1", "cache-2", "one", "two", "ws"]  # no stray stage
 
 
 @pytest.mark.parametrize("scorer", ["grad", "probe"])
