@@ -286,8 +286,15 @@ def output_dir(recipe: Any) -> Path:
 @click.option(
     "--compare-mixtures",
     is_flag=True,
-    help="Also fine-tune at the same budget on target + uniform replay and on target + mixopt's allocation; "
-    "reports every metric's per-domain change, worst domain and target gain, with paired differences.",
+    help="Also fine-tune the recipe's compare.mixtures at the same budget (target only, uniform, size-"
+    "proportional, mixopt minimax / protect / protect + forecast rows): target and uniform at each of "
+    "compare.replay_fractions first, the mixtures at the fraction the pre-set rule picks; reports every metric's "
+    "per-domain change, worst domain and target gain, each mixture minus uniform (paired, seed noise counted).",
+)
+@click.option(
+    "--seeds",
+    type=click.IntRange(min=1),
+    help="Training-order seeds per mixture (default: the recipe's compare.seeds); 2 or more measure seed noise.",
 )
 @click.option(
     "--sweep",
@@ -326,6 +333,7 @@ def validate(
     recipe: Path,
     out: Path | None,
     compare_mixtures: bool,
+    seeds: int | None,
     sweep: bool,
     sweep_only: tuple[str, ...],
     rescore: bool,
@@ -342,7 +350,7 @@ def validate(
 
     \b
     e.g. mixopt validate recipes/validate-mmlu.yaml
-         mixopt validate recipes/validate-mmlu.yaml --out runs/v --compare-mixtures
+         mixopt validate recipes/validate-mmlu.yaml --out runs/v --compare-mixtures --seeds 2
          mixopt validate recipes/validate-mmlu.yaml --sweep      (after a run: which k, m, variant, forecast)
          mixopt validate recipes/validate-mmlu.yaml --rescore --from docs/validation   (no fine-tune)
     """
@@ -358,7 +366,9 @@ def validate(
             f"restored {len(restored)} measurements from {evidence_from}: {', '.join(restored) or '-'}", err=True
         )
     sweep = sweep or bool(sweep_only)
-    result = run_validation(spec, folder, compare=compare_mixtures, sweep=sweep, rescore=rescore, only=sweep_only)
+    result = run_validation(
+        spec, folder, compare=compare_mixtures, sweep=sweep, rescore=rescore, only=sweep_only, seeds=seeds
+    )
     if keep is not None:
         kept = evidence.keep(folder, keep)
         click.echo(f"kept {len(kept)} files in {keep}", err=True)

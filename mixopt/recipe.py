@@ -628,18 +628,31 @@ class EvaluationSpec(Section):
 
 
 class CompareSpec(Section):
-    """`--compare-mixtures`: target only, target + uniform replay, target + mixopt's allocation."""
+    """`--compare-mixtures`: mixtures at the same budget, each against uniform replay (`validation.compare`)."""
 
     target: Name | None = None  # which source is the fine-tuning target; default: the first source
     metric: Literal["answer_nll", "cloze_nll", "letter_mass", "accuracy", "letter_nll"] = (
         "letter_mass"  # leads the table and chart; every metric is reported
     )
     allocation: AllocationSpec = AllocationSpec()  # budget: the schedule's steps x batch_size
+    # the arms: target only, uniform, size-proportional, plan's minimax / protect, protect + forecast rows
+    mixtures: list[Literal["target", "uniform", "proportional", "minimax", "protect", "protect_forecast"]] = [
+        "target",
+        "uniform",
+        "minimax",
+    ]
+    # candidate replay fractions: target and uniform train at each, the mixtures at the one the rule picks
+    # (docs/validation.md); empty: 1 - allocation.target_fraction
+    replay_fractions: list[Annotated[float, Field(gt=0.0, lt=1.0)]] = []
+    seeds: Annotated[int, Field(ge=1)] = 1  # training-order seeds per mixture (--seeds overrides)
+    forecast: str | None = None  # a sweep setting the mixopt arms read, e.g. "score=grad,direction=adam"
 
     @model_validator(mode="after")
     def _no_budget(self) -> CompareSpec:
         if self.allocation.budget is not None or self.allocation.unit != "examples":
             raise ValueError("compare.allocation: leave out budget and unit; the budget is steps x batch_size examples")
+        if "uniform" not in self.mixtures:
+            raise ValueError("compare.mixtures: include uniform; every mixture is judged against it")
         return self
 
 

@@ -384,12 +384,18 @@ def test_validate__end_to_end_writes_correlations_plots_and_the_comparison(valid
     assert report["sources"]["math"]["finetune"]["steps"] == 4
     assert report["compare"]["metric"] == "letter_mass" and set(report["compare"]["by_metric"]) == set(ev.METRICS)
     runs = report["compare"]["by_metric"]["letter_mass"]["runs"]
-    assert list(runs) == ["math", "math+uniform", "math+mixopt"]
-    assert sum(runs["math+uniform"]["mixture"].values()) == sum(runs["math+mixopt"]["mixture"].values()) == 16
-    pairs = [d["runs"] for d in report["compare"]["by_metric"]["letter_mass"]["differences"]]
-    assert pairs == [["math+uniform", "math"], ["math+mixopt", "math"], ["math+mixopt", "math+uniform"]]
-    differences = report["compare"]["by_metric"]["letter_mass"]["differences"]
-    assert [("extra_rows_vs_gain_spearman" in d) for d in differences] == [False, False, True]
+    assert list(runs) == ["math", "math+uniform-r50", "math+minimax-r50"]
+    assert sum(runs["math+uniform-r50"]["mixture"].values()) == sum(runs["math+minimax-r50"]["mixture"].values()) == 16
+    assert report["compare"]["regime"]["replay_fraction"] == 0.5  # one candidate: it is the regime
+    versus = report["compare"]["by_metric"]["letter_mass"]["versus_uniform"]
+    assert list(versus) == ["target", "minimax"]
+    assert report["compare"]["by_metric"]["letter_mass"]["seed_noise"]["worst_change"] is None  # one seed each
+    mixtures = report["compare"]["by_metric"]["letter_mass"]["mixtures"]
+    for name, diff in versus.items():  # one seed: the paired difference of two runs, item noise only
+        assert diff["worst_change"]["difference"] == pytest.approx(
+            mixtures[name]["worst_change"]["value"] - mixtures["uniform"]["worst_change"]["value"]
+        )
+        assert diff["worst_change"]["seed_sd"] is None
     for run in runs.values():
         lo, hi = run["mean_change"]["ci"]
         assert lo <= run["mean_change"]["value"] <= hi

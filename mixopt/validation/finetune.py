@@ -23,6 +23,7 @@ class Run:
     source: str
     rows: list[Pair]
     mixture: dict[str, int] = field(default_factory=dict)  # rows per part, for mixture runs
+    order_seed: int | None = None  # the training order's seed (`compare.order_seed`); None: the recipe's seed
 
 
 def train_and_measure(
@@ -44,22 +45,23 @@ def train_and_measure(
     lm = load_validation_model(recipe, dtype="float32")  # fp32 master weights; CUDA runs the forward in bf16
     n = recipe.schedule.max_length
     examples = [e for e in (encode_chat(lm.tokenizer, p, r, n, lm.format) for p, r in run.rows) if any(e.response[1:])]
+    seed = recipe.seed if run.order_seed is None else run.order_seed
     key = digest(
         identity,
-        fingerprint(examples, recipe.schedule, recipe.seed),
+        fingerprint(examples, recipe.schedule, seed),
         [i.text for i in items],
         heldout,
         recipe.evaluation.max_length,
     )
 
     def compute() -> Measurement:
-        torch.manual_seed(recipe.seed)
+        torch.manual_seed(seed)
         folder = out / "finetune" / run.name
         result = finetune(
             lm.model,
             examples,
             recipe.schedule,
-            recipe.seed,
+            seed,
             folder,
             pad_id=lm.tokenizer.pad_token_id or 0,
             desc=f"fine-tune {run.name}",

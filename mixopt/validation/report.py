@@ -133,21 +133,36 @@ COMPARE_ROWS = {
 
 
 def compare_table(compare: Record) -> str:
-    """The recipe's metric in full (every domain), then each other metric's mean and worst change; every
-    run with its 95% interval over items, and the paired differences between runs."""
+    """The regime choice; the recipe's metric in full (each domain's change under each mixture, mean over its
+    seeds); then, for every metric, each mixture's statistics and each mixture minus uniform (paired over
+    items, seed noise added), with the issue's bar on the recipe's metric."""
     primary = compare["by_metric"][compare["metric"]]
-    runs = primary["runs"]
-    names = list(runs)
-    per_domain = [[d, *(f"{runs[n]['per_domain'][d]:+.4f}" for n in names)] for d in runs[names[0]]["per_domain"]]
-    per_domain.append(["worst domain", *(runs[n]["worst"]["domain"] for n in names)])
-    lines = [
-        "mixture comparison at the same budget (95% intervals resample items, not fine-tune seeds)",
-        render_table([f"change in {_metric_label(primary)}", *names], per_domain, right=set(range(1, len(names) + 1))),
+    mixtures = primary["mixtures"]
+    names = list(mixtures)
+    regime = compare.get("regime", {})
+    lines = []
+    if regime:
+        candidates = ", ".join(
+            f"{k}: uniform's worst {c['domain']} {c['value']:+.4f} [{c['ci'][0]:+.4f},{c['ci'][1]:+.4f}]"
+            f"{' (clear forgetting)' if c['clear_forgetting'] else ''}"
+            for k, c in regime["candidates"].items()
+        )
+        lines.append(f"replay fraction {regime['replay_fraction']:.0%}: {regime['reason']}; {candidates}")
+    domains = list(mixtures[names[0]]["per_domain"])
+    per_domain = [[d, *(f"{mixtures[n]['per_domain'][d]:+.4f}" for n in names)] for d in domains]
+    lines += [
+        f"mixture comparison at the same budget, {compare.get('seeds', 1)} seed(s) per mixture, forecast "
+        f"{compare.get('forecast')}; 95% intervals resample items (differences also add seed noise)",
+        render_table(
+            [f"change in {_metric_label(primary)}", *(f"{n} (x{mixtures[n]['seeds']})" for n in names)],
+            per_domain,
+            right=set(range(1, len(names) + 1)),
+        ),
         *_compare_rows(primary, list(COMPARE_ROWS)),
     ]
     for metric, summary in compare["by_metric"].items():
         if metric != compare["metric"]:
-            lines += ["", f"change in {_metric_label(summary)}", *_compare_rows(summary, list(COMPARE_ROWS)[:2])]
+            lines += ["", f"change in {_metric_label(summary)}", *_compare_rows(summary, list(COMPARE_ROWS))]
     return "\n".join(lines)
 
 
@@ -156,22 +171,33 @@ def _metric_label(summary: Record) -> str:
 
 
 def _compare_rows(summary: Record, keys: list[str]) -> list[str]:
-    """Each run's statistics (one row per key), then each paired difference (one column per key)."""
-    runs = summary["runs"]
-    statistics = [[COMPARE_ROWS[k], *(_vci(run[k]) for run in runs.values())] for k in keys]
+    """Each mixture's statistics (one row per key), then each mixture minus uniform (one column per key) with
+    the seed noise and the bar (30% less worst-domain forgetting, interval excluding 0, target gain kept)."""
+    mixtures = summary["mixtures"]
+    statistics = [[COMPARE_ROWS[k], *(_vci(m[k]) for m in mixtures.values())] for k in keys]
+    noise = summary.get("seed_noise") or {}
+    statistics.append(["seed sd (worst)", *([_num(noise.get("worst_change"))] * len(mixtures))])
     differences = []
-    for diff in summary["differences"]:
-        later, earlier = diff["runs"]
-        spread = diff.get("extra_rows_vs_gain_spearman")
+    for mixture, diff in summary["versus_uniform"].items():
+        bar = diff["bar"]
+        reduction = "no forgetting" if bar["reduction"] is None else f"{bar['reduction']:+.0%}"
         differences.append(
-            [f"{later} - {earlier}", *(_vci(diff[k], "difference") for k in keys)]
-            + ["" if spread is None else _r(spread)]
+            [
+                f"{mixture} - uniform",
+                *(_vci(diff[k], "difference") for k in keys),
+                reduction,
+                "yes" if bar["passes"] else "no",
+            ]
         )
-    header = ["paired difference (same items)", *(COMPARE_ROWS[k] for k in keys), "extra rows vs gain (Spearman)"]
+    header = ["paired difference", *(COMPARE_ROWS[k] for k in keys), "forgetting cut", "bar"]
     return [
-        render_table(["", *runs], statistics, right=set(range(1, len(runs) + 1))),
-        render_table(header, differences, right=set(range(1, len(keys) + 2))),
+        render_table(["", *mixtures], statistics, right=set(range(1, len(mixtures) + 1))),
+        render_table(header, differences, right=set(range(1, len(keys) + 3))),
     ]
+
+
+def _num(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
 
 
 def sweep_table(sweep: Record) -> str:
@@ -320,32 +346,33 @@ def plot_correlations(report: Record, path: Path) -> None:
 
 
 def plot_compare(summary: Record, path: Path) -> None:
-    """Each domain's change under each run (bars: one bootstrap standard error over items), domains ordered by
-    the target-only change."""
+    """Each domain's change under each mixture (mean over its seeds), domains ordered by the target-only
+    change; the legend carries each mixture's target gain."""
     from mixopt.plots import figure_height, plt, save_figure
 
-    runs = summary["runs"]
-    names = list(runs)
-    domains = sorted(runs[names[0]]["per_domain"], key=lambda d: runs[names[0]]["per_domain"][d])
+    mixtures = summary["mixtures"]
+    names = list(mixtures)
+    first = mixtures[names[0]]["per_domain"]
+    domains = sorted(first, key=lambda d: first[d])
     y = np.arange(len(domains))
-    fig, ax = plt.subplots(figsize=(8, figure_height(round(len(domains) * 1.5))))
-    for k, (run, color) in enumerate(zip(names, ("#9a9a9a", "#5b8c5a", "#3b6ea8"), strict=False)):
-        values = [runs[run]["per_domain"][d] for d in domains]
+    height = 0.8 / len(names)
+    colors = ("#9a9a9a", "#5b8c5a", "#c08a3e", "#3b6ea8", "#8e4a9e", "#c0504d")
+    fig, ax = plt.subplots(figsize=(8, figure_height(round(len(domains) * (1 + 0.25 * len(names))))))
+    for k, (name, color) in enumerate(zip(names, colors * 2, strict=False)):
+        m = mixtures[name]
         ax.barh(
-            y + (k - 1) * 0.27,
-            values,
-            height=0.27,
-            xerr=[runs[run]["per_domain_stderr"][d] for d in domains],
-            error_kw={"elinewidth": 0.6, "capsize": 1.5},
+            y + (k - (len(names) - 1) / 2) * height,
+            [m["per_domain"][d] for d in domains],
+            height=height,
             color=color,
-            label=f"{run} (target NLL drop {runs[run]['target_gain_nll']['value']:+.3f})",
+            label=f"{name} x{m['seeds']} (target NLL drop {m['target_gain_nll']['value']:+.3f})",
         )
     ax.set_yticks(y, domains, fontsize=7)
     direction = "higher is better" if summary["higher_is_better"] else "lower is better"
-    ax.set_xlabel(f"change in {summary['metric']} ({direction})")
-    ax.set_title("Same budget: target only vs uniform replay vs mixopt", loc="left")
+    ax.set_xlabel(f"change in {summary['metric']} ({direction}), mean over seeds")
+    ax.set_title("Same budget: each mixture's change per domain", loc="left")
     ax.axvline(0, color="black", linewidth=0.8)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     save_figure(fig, path)

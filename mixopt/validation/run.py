@@ -86,11 +86,13 @@ def run_validation(
     sweep: bool = False,
     rescore: bool = False,
     only: tuple[str, ...] = (),
+    seeds: int | None = None,
 ) -> ValidationResult:
     """The whole closed loop; writes OUT/validation.json and OUT/plots, returns the report.
     `compare`: also fine-tune the mixtures (`validation.compare`); `sweep`: re-score under each open setting
     of the design (`validation.sweep`); `rescore`: score again, but read every measurement back (an error if
-    one is missing): the same fine-tunes judge a new scorer. `only`: the sweep's settings matching these globs."""
+    one is missing): the same fine-tunes judge a new scorer. `only`: the sweep's settings matching these globs.
+    `seeds`: training-order seeds per mixture (default: the recipe's `compare.seeds`)."""
     started = time.perf_counter()
     run = prepare(recipe, out)
     run.recorded_only = rescore
@@ -115,7 +117,7 @@ def run_validation(
     if compare:
         from mixopt.validation.compare import run_compare
 
-        report["compare"] = run_compare(run)
+        report["compare"] = run_compare(run, seeds)
     if sweep:
         from mixopt.validation.analysis import reliable_metrics
         from mixopt.validation.sweep import run_sweep
