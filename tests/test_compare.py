@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import statistics
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -139,7 +138,9 @@ def test_arms__seeds_change_the_training_order_only(prepared) -> None:
     budget = recipe.schedule.budget
     seed0 = arm_run(Arm("target", 0.0, 0), recipe, target, run.domains, None)
     seed1 = arm_run(Arm("target", 0.0, 1), recipe, target, run.domains, None)
-    trained0 = [seed0.rows[i] for b in step_batches(len(seed0.rows), recipe.schedule.steps, recipe.schedule.batch_size, recipe.seed) for i in b]  # fmt: skip
+    schedule = recipe.schedule
+    batches = step_batches(len(seed0.rows), schedule.steps, schedule.batch_size, recipe.seed)
+    trained0 = [seed0.rows[i] for batch in batches for i in batch]
     assert Counter(trained0) == Counter(seed1.rows) and len(seed1.rows) == budget  # the rows seed 0 trained on
     assert seed1.order_seed != seed0.order_seed == recipe.seed
     u0 = arm_run(Arm("uniform", 0.5, 0), recipe, target, run.domains, None)
