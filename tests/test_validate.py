@@ -433,6 +433,22 @@ def test_validate__rerun_reuses_finished_fine_tunes(validated: tuple[Path, Path]
         assert again.report["cells"][0]["change"][metric]["delta"] == pytest.approx(change["delta"])
 
 
+def test_compare__rescore_reports_the_recorded_arms_and_names_the_rest(
+    validated: tuple[Path, Path], trains_nothing: None
+) -> None:
+    """--rescore with 2 seeds: the seed-1 arms were never trained; nothing trains, the recorded arms are
+    summarised and the others are listed."""
+    from mixopt.validation.report import compare_table
+    from mixopt.validation.run import run_validation
+
+    recipe, out = validated
+    compare = run_validation(load_validate_recipe(recipe), out, compare=True, rescore=True, seeds=2).report["compare"]
+    assert compare["not_run"] == ["math-s1", "math+uniform-r50-s1", "math+minimax-r50-s1"]
+    mixtures = compare["by_metric"]["letter_mass"]["mixtures"]
+    assert {m: v["seeds"] for m, v in mixtures.items()} == {"target": 1, "uniform": 1, "minimax": 1}
+    assert "not run yet: math-s1" in compare_table(compare)
+
+
 def test_cli__validate_command_prints_the_report(validated: tuple[Path, Path]) -> None:
     from mixopt.validation.run import ValidationResult
 

@@ -368,8 +368,8 @@ def forecast_scores(run: ValidationRun, target: SourceData) -> Scores:
 
 def run_compare(run: ValidationRun, seeds: int | None = None) -> Record:
     """Train and measure the arms (regime first, then the mixtures at the chosen fraction), then summarise
-    every metric (replay can teach a metric's format, so one metric alone can mislead); `compare.metric`
-    leads and decides the regime."""
+    every metric (replay can teach a metric's format, so one metric alone can mislead); `compare.metric` leads
+    and decides the regime. Under `--rescore`: the arms recorded so far; the others are listed in `not_run`."""
     recipe = run.recipe
     c = recipe.compare
     seeds = seeds if seeds is not None else c.seeds
@@ -379,9 +379,14 @@ def run_compare(run: ValidationRun, seeds: int | None = None) -> Record:
     measured: dict[str, Measurement] = {target.name: run.after[target.name]}
     arms: dict[str, Arm] = {target.name: Arm("target", 0.0, 0)}
 
+    not_run: list[str] = []
+
     def train(arm: Arm) -> None:
         name = arm.name(target.name)
         if name in measured:
+            return
+        if run.recorded_only and arm in chosen_set and not (run.out / "metrics" / f"{name}.json").exists():
+            not_run.append(name)  # --rescore reports the arms recorded so far and names the rest
             return
         t = time.perf_counter()
         mixture = arm_run(arm, recipe, target, run.domains, scores)
@@ -391,6 +396,7 @@ def run_compare(run: ValidationRun, seeds: int | None = None) -> Record:
         arms[name] = arm
         run.timings[f"finetune_{name}"] = time.perf_counter() - t
 
+    chosen_set: set[Arm] = set()
     for arm in regime_arms(recipe, 1):
         train(arm)
     e = recipe.evaluation
@@ -417,9 +423,10 @@ def run_compare(run: ValidationRun, seeds: int | None = None) -> Record:
     regime = choose_replay_fraction(worst, ev.HIGHER_IS_BETTER[c.metric])
     note(f"compare: replay fraction {regime.replay_fraction:.0%} ({regime.reason})")
     chosen = chosen_arms(recipe, regime.replay_fraction, seeds)
+    chosen_set.update(chosen)
     for arm in chosen:
         train(arm)
-    names = [a.name(target.name) for a in chosen]
+    names = [n for n in (a.name(target.name) for a in chosen) if n in measured]
     by_metric = {m: summarise(names, m) for m in ev.METRICS}
     return {
         "metric": c.metric,
@@ -427,5 +434,6 @@ def run_compare(run: ValidationRun, seeds: int | None = None) -> Record:
         "forecast": c.forecast or recipe.sts.score,
         "forecast_scorer": scores.score if scores is not None else None,
         "regime": regime.to_record(),
+        "not_run": not_run,  # --rescore: arms of the plan with no recorded measurement yet
         "by_metric": by_metric,
     }

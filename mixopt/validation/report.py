@@ -148,6 +148,8 @@ def compare_table(compare: Record) -> str:
             for k, c in regime["candidates"].items()
         )
         lines.append(f"replay fraction {regime['replay_fraction']:.0%}: {regime['reason']}; {candidates}")
+    if compare.get("not_run"):
+        lines.append(f"not run yet: {', '.join(compare['not_run'])}")
     domains = list(mixtures[names[0]]["per_domain"])
     per_domain = [[d, *(f"{mixtures[n]['per_domain'][d]:+.4f}" for n in names)] for d in domains]
     lines += [
