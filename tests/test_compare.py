@@ -181,3 +181,18 @@ def test_arms__protect_forecast_replays_each_domains_most_hurt_rows_deterministi
         ranked = [1, 2, 0, 3][:k] if k <= 4 else None
         if ranked is not None:
             assert rows == [scoring_pair(d.scoring[i]) for i in ranked], d.name
+
+
+def test_compare_forecast__a_setting_that_does_not_exist_fails_before_any_work(prepared, tmp_path) -> None:
+    from click.testing import CliRunner
+
+    from mixopt.cli import cli
+
+    recipe, run = prepared
+    text = recipe.file.read_text().replace("compare: {", "compare: {forecast: 'score=grad,direction=sideways', ")
+    bad = recipe.file.parent / "bad.yaml"
+    bad.write_text(text)
+    result = CliRunner().invoke(cli, ["validate", str(bad), "--out", str(tmp_path / "v"), "--compare-mixtures"])
+    assert result.exit_code == 2
+    assert "bad.yaml: compare.forecast: no sweep setting 'score=grad,direction=sideways'" in result.output
+    assert "score=grad,direction=adam" in result.output and not (tmp_path / "v").exists()

@@ -349,6 +349,18 @@ def chosen_arms(recipe: ValidateRecipe, fraction: float, seeds: int) -> list[Arm
     return [Arm(m, 0.0 if m == "target" else fraction, s) for m in recipe.compare.mixtures for s in range(seeds)]
 
 
+def check_forecast(recipe: ValidateRecipe) -> None:
+    """`compare.forecast` names a sweep setting: checked before any fine-tune, so a typo costs nothing."""
+    from mixopt.errors import RecipeError
+    from mixopt.validation.sweep import settings
+
+    name = recipe.compare.forecast
+    known = [s.name for s in settings(recipe) if s.name != "recipe"]
+    if name is not None and name not in known:
+        file = str(recipe.file) if recipe.file else None
+        raise RecipeError(f"no sweep setting '{name}'; use one of {', '.join(known)}", file, "compare.forecast")
+
+
 def forecast_scores(run: ValidationRun, target: SourceData) -> Scores:
     """The forecast the mixopt arms read: the target's scores under `compare.forecast` (a sweep setting's
     name), or the run's own scores when it is unset."""
@@ -358,10 +370,8 @@ def forecast_scores(run: ValidationRun, target: SourceData) -> Scores:
     name = run.recipe.compare.forecast
     if name is None:
         return run.scores[target.name]
+    check_forecast(run.recipe)
     matches = [s for s in settings(run.recipe) if s.name == name]
-    if not matches:
-        known = ", ".join(s.name for s in settings(run.recipe) if s.name != "recipe")
-        raise MixoptError(f"compare.forecast: no sweep setting '{name}'; use one of {known}")
     scored = with_setting(run.recipe, matches[0])
     return score_sources(scored, [target], run.domains, run.out / "sweep" / name)[target.name]
 

@@ -94,6 +94,10 @@ def run_validation(
     one is missing): the same fine-tunes judge a new scorer. `only`: the sweep's settings matching these globs.
     `seeds`: training-order seeds per mixture (default: the recipe's `compare.seeds`)."""
     started = time.perf_counter()
+    if compare:
+        from mixopt.validation.compare import check_forecast
+
+        check_forecast(recipe)  # before hours of fine-tuning, not after
     run = prepare(recipe, out)
     run.recorded_only = rescore
     note(
