@@ -178,7 +178,9 @@ def _compare_rows(summary: Record, keys: list[str]) -> list[str]:
     mixtures = summary["mixtures"]
     statistics = [[COMPARE_ROWS[k], *(_vci(m[k]) for m in mixtures.values())] for k in keys]
     noise = summary.get("seed_noise") or {}
-    statistics.append(["seed sd (worst)", *([_num(noise.get("worst_change"))] * len(mixtures))])
+    seed_line = "seed noise (sd between seeds of one mixture, pooled): " + ", ".join(
+        f"{COMPARE_ROWS[k]} {_num(noise.get(k))}" for k in keys
+    )
     differences = []
     for mixture, diff in summary["versus_uniform"].items():
         bar = diff["bar"]
@@ -194,6 +196,7 @@ def _compare_rows(summary: Record, keys: list[str]) -> list[str]:
     header = ["paired difference", *(COMPARE_ROWS[k] for k in keys), "forgetting cut", "bar"]
     return [
         render_table(["", *mixtures], statistics, right=set(range(1, len(mixtures) + 1))),
+        seed_line,
         render_table(header, differences, right=set(range(1, len(keys) + 3))),
     ]
 
