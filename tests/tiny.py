@@ -66,20 +66,22 @@ def tiny_tokenizer():
     return fast
 
 
+# the sizes every tiny decoder here shares (Llama, Gemma 3): 32 wide, 4 heads over 2 key-value heads
+TINY_SIZES = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 2048,
+    "pad_token_id": 0,
+}
+
+
 def tiny_llama(vocab_size: int, layers: int = 2, seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        pad_token_id=0,
-    )
+    config = LlamaConfig(vocab_size=vocab_size, num_hidden_layers=layers, **TINY_SIZES)
     return LlamaForCausalLM(config).eval()
 
 
@@ -107,17 +109,12 @@ def tiny_gemma3(vocab_size: int, layers: int = 2, sliding_window: int = 16, seed
     torch.manual_seed(seed)
     config = Gemma3TextConfig(
         vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
         num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        **TINY_SIZES,
         head_dim=8,
         query_pre_attn_scalar=8,
         sliding_window=sliding_window,
         layer_types=[("sliding_attention", "full_attention")[i % 2] for i in range(layers)],
-        max_position_embeddings=2048,
-        pad_token_id=0,
         bos_token_id=2,
         eos_token_id=1,
     )

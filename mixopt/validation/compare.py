@@ -333,10 +333,10 @@ def bar_verdict(mixture: Record, uniform: Record, worst_difference: Record, sign
 # ----------------------------------------------------------------------------------------------- runs
 
 
-def regime_arms(recipe: ValidateRecipe, seeds: int) -> list[Arm]:
-    """What trains before the replay fraction is chosen: target and uniform at every candidate fraction
-    (seed 0; the other seeds of uniform only at the chosen fraction)."""
-    return [Arm("target", 0.0, s) for s in range(seeds)] + [Arm("uniform", r, 0) for r in replay_fractions(recipe)]
+def regime_arms(recipe: ValidateRecipe) -> list[Arm]:
+    """What trains before the replay fraction is chosen: target and uniform at every candidate fraction,
+    seed 0 (the other seeds train only at the chosen fraction)."""
+    return [Arm("target", 0.0), *(Arm("uniform", r) for r in replay_fractions(recipe))]
 
 
 def replay_fractions(recipe: ValidateRecipe) -> list[float]:
@@ -407,7 +407,7 @@ def run_compare(run: ValidationRun, seeds: int | None = None) -> Record:
         run.timings[f"finetune_{name}"] = time.perf_counter() - t
 
     chosen_set: set[Arm] = set()
-    for arm in regime_arms(recipe, 1):
+    for arm in regime_arms(recipe):
         train(arm)
     e = recipe.evaluation
     base = run.measured_base
