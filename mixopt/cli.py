@@ -309,7 +309,8 @@ def output_dir(recipe: Any) -> Path:
     multiple=True,
     help="Sweep only the settings whose names match this glob (repeatable; the recipe's own setting always "
     "runs), e.g. --sweep-only 'tokens=*' --sweep-only 'score=*'; names: recipe, top_k=K, demos=M, score=icl, "
-    "tokens=T, score=grad,direction=D, score=probe,steps=N.",
+    "tokens=T, score=grad,direction=D, score=probe,steps=N, and for each other shipped built-in SAE of the "
+    "model (another layer): sae=ALIAS, sae=ALIAS,score=icl, sae=ALIAS,score=probe,steps=1.",
 )
 @click.option(
     "--rescore",

@@ -118,3 +118,32 @@ def test_sweep_only_keeps_the_recipe_setting_and_the_matching_ones():
         recipe.sts.probe.lr,
         FORECAST_DOMAIN_TOKENS,
     )
+
+
+def test_sweep__each_other_shipped_sae_of_the_model_is_a_setting_at_the_layer_its_hook_names():
+    from pathlib import Path
+
+    from mixopt.artifacts import BUILTIN_SAES, builtin_sae_dir
+    from mixopt.recipe import SAESpec, load_validate_recipe
+    from mixopt.validation.sweep import settings, sibling_saes, with_setting
+
+    recipe = load_validate_recipe(Path(__file__).parents[1] / "recipes" / "validate-mmlu.yaml")
+    shipped = [a for a in BUILTIN_SAES if (builtin_sae_dir(a) / "cfg.json").is_file()]
+    siblings = sibling_saes(recipe.sae, recipe.base_dir)
+    assert [s.path for s in siblings] == sorted(a for a in shipped if a != recipe.sae.path)
+    for sae in siblings:  # the aliases say their layer ("-res-l15"); the sweep reads it from the SAE's hook
+        assert sae.path is not None and sae.path.endswith(f"-res-l{sae.layer}")
+    chosen = [s for s in settings(recipe, ["sae=*"]) if s.name != "recipe"]
+    assert [s.name for s in chosen] == [
+        f"sae={sae.path}{suffix}" for sae in siblings for suffix in ("", ",score=icl", ",score=probe,steps=1")
+    ]
+    for setting in chosen:
+        scored = with_setting(recipe, setting)
+        assert scored.sae == setting.sae and scored.sae != recipe.sae
+        assert (
+            scored.sts.score
+            == {"": recipe.sts.score, "icl": "icl", "probe": "probe"}[
+                setting.name.partition(",score=")[2].partition(",")[0]
+            ]
+        )
+    assert sibling_saes(SAESpec(path="some/local/folder", layer=3), recipe.base_dir) == []

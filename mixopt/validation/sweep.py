@@ -7,22 +7,27 @@ metric. Nothing is trained or measured again: fine-tunes and measurements come f
 and feature passes from the cache wherever the scored token ids are unchanged (k, and the variants
 computed from the same passes); a new m recomputes the sources' shift passes, `icl` runs each domain
 once more with its own worked examples (on `ICL_DOMAIN_TOKENS` tokens per domain, to keep the sweep
-within minutes on a CPU), and counting only response tokens rescores every source and domain.
+within minutes on a CPU), and counting only response tokens rescores every source and domain. Each other
+shipped built-in SAE of the model (the layer-15 one beside the default at 22) re-runs the passes that read
+latents with it, at its own layer: the layer is swept because more than one SAE is shipped.
 The table: `mixopt.validation.report.sweep_table`.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase as fnmatch
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from mixopt import stats
+from mixopt.artifacts import BUILTIN_SAES, builtin_sae_dir, sae_shape
 from mixopt.files import write_json
-from mixopt.recipe import ValidateRecipe
+from mixopt.recipe import SAESpec, ValidateRecipe
 from mixopt.scores import SCORERS
 from mixopt.validation.analysis import Cells, Record, correlations
 from mixopt.validation.evidence import ValidationRun
@@ -50,6 +55,7 @@ class Setting:
     sts: dict[str, Any] = field(default_factory=dict)  # overrides of the recipe's `sts` section
     demos: int | None = None  # m for every source; None keeps each source's own
     scorers: tuple[str, ...] = SHIFT_SCORERS  # which scorers this setting can move
+    sae: SAESpec | None = None  # another SAE, with the layer it reads, in place of the recipe's
 
 
 def settings(recipe: ValidateRecipe, only: Sequence[str] = ()) -> list[Setting]:
@@ -62,6 +68,7 @@ def settings(recipe: ValidateRecipe, only: Sequence[str] = ()) -> list[Setting]:
         Setting("score=icl", {"score": "icl", "domain_tokens": ICL_DOMAIN_TOKENS}, scorers=("icl",)),
         *(Setting(f"tokens={t}", {"tokens": t}, scorers=ALL_SCORERS) for t in TOKENS if t != recipe.sts.tokens),
         *forecast_settings(),
+        *sae_settings(recipe),
     ]
     return [s for s in every if s.name == "recipe" or not only or any(fnmatch(s.name, g) for g in only)]
 
@@ -86,15 +93,61 @@ def forecast_settings() -> list[Setting]:
     ]
 
 
+def sibling_saes(spec: SAESpec, base_dir: Path) -> list[SAESpec]:
+    """The other shipped built-in SAEs of the same model as the built-in `spec` (e.g. the layer-15 SAE beside
+    the default at layer 22), each with the layer its hook names; none for a local folder or a release."""
+    if spec.path not in BUILTIN_SAES:
+        return []
+    family = spec.path.rsplit("-res-l", 1)[0]
+    siblings = []
+    for alias in sorted(BUILTIN_SAES):
+        if alias == spec.path or alias.rsplit("-res-l", 1)[0] != family:
+            continue
+        if not (builtin_sae_dir(alias) / "cfg.json").is_file():
+            continue  # declared but not shipped in this install
+        shape = sae_shape(SAESpec(path=alias, layer=spec.layer), base_dir)
+        hook = re.search(r"blocks\.(\d+)\.", (shape.hook_name if shape else None) or "")
+        if hook:
+            siblings.append(SAESpec(path=alias, layer=int(hook.group(1))))
+    return siblings
+
+
+def sae_settings(recipe: ValidateRecipe) -> list[Setting]:
+    """Each sibling SAE (`sibling_saes`) in place of the recipe's: the STS passes, the `icl` variant and the
+    probe's `probe_act` at one step (the scorers that read latents), so `--sweep` compares layers and SAEs."""
+    every = []
+    for sae in sibling_saes(recipe.sae, recipe.base_dir):
+        every += [
+            Setting(f"sae={sae.path}", sae=sae),
+            Setting(
+                f"sae={sae.path},score=icl",
+                {"score": "icl", "domain_tokens": ICL_DOMAIN_TOKENS},
+                scorers=("icl",),
+                sae=sae,
+            ),
+            Setting(
+                f"sae={sae.path},score=probe,steps=1",
+                {"score": "probe", "probe": {"steps": 1}, "domain_tokens": FORECAST_DOMAIN_TOKENS},
+                scorers=("probe_act",),
+                sae=sae,
+            ),
+        ]
+    return every
+
+
 def with_setting(recipe: ValidateRecipe, setting: Setting) -> ValidateRecipe:
-    """The recipe with the setting's `sts` overrides (nested sections merged, then validated again)."""
+    """The recipe with the setting's `sts` overrides (nested sections merged, then validated again) and its
+    SAE, if it names one."""
     sources = recipe.sources
     if setting.demos is not None:
         sources = [s.model_copy(update={"icl_demos": setting.demos}) for s in sources]
     sts = recipe.sts.model_dump()
     for key, value in setting.sts.items():
         sts[key] = {**sts[key], **value} if isinstance(value, dict) else value
-    return recipe.model_copy(update={"sts": type(recipe.sts).model_validate(sts), "sources": sources})
+    update: dict[str, Any] = {"sts": type(recipe.sts).model_validate(sts), "sources": sources}
+    if setting.sae is not None:
+        update["sae"] = setting.sae
+    return recipe.model_copy(update=update)
 
 
 def run_sweep(
