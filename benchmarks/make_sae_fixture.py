@@ -1,6 +1,7 @@
 """Write tests/fixtures/sae_heldout_acts.safetensors: real held-out residual activations for the fast SAE tests.
 
-    nice -n 19 python benchmarks/make_sae_fixture.py
+    nice -n 19 python benchmarks/make_sae_fixture.py            (writes the fixture, then measures)
+    python benchmarks/make_sae_fixture.py --measure             (measures the shipped SAEs on it only)
 
 The real SmolLM2-135M-Instruct reads the first held-out examples of the SAE corpus
 (recipes/sae-smollm2-135m-instruct.yaml: every 20th example of its seeded order, which no built-in SAE trains
@@ -17,7 +18,7 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -35,7 +36,7 @@ LAYERS = [15, 22]
 OUT = ROOT / "tests" / "fixtures" / "sae_heldout_acts.safetensors"
 
 
-def main() -> None:
+def write_fixture() -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
     recipe = load_sae_recipe(ROOT / "recipes" / "sae-smollm2-135m-instruct.yaml")
     lm = load_model(recipe.model, recipe.base_dir)
@@ -55,6 +56,11 @@ def main() -> None:
     OUT.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, OUT, metadata={"examples": json.dumps(heldout), "made_by": "benchmarks/make_sae_fixture.py"})
     print(f"wrote {OUT.relative_to(ROOT)}: {TOKENS} tokens from {len(heldout)} held-out examples", file=sys.stderr)
+    return tensors
+
+
+def shipped_evs(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, float]]:
+    """alias -> explained variance and L0 of each shipped built-in SAE on the fixture's tokens at its layer."""
     evs = {}
     for alias in BUILTIN_SAES:
         if not (builtin_sae_dir(alias) / "cfg.json").exists():
@@ -64,7 +70,13 @@ def main() -> None:
         quality = reconstruction(sae, tensors[f"layer_{layer}"].float())
         assert math.isfinite(quality.explained_variance)
         evs[alias] = {"explained_variance": round(quality.explained_variance, 4), "mean_l0": quality.mean_l0}
-    print(json.dumps(evs, indent=1))
+    return evs
+
+
+def main() -> None:
+    # --measure: the fixture as it is (no model loaded), e.g. after a built-in SAE is retrained
+    tensors = load_file(OUT) if "--measure" in sys.argv[1:] else write_fixture()
+    print(json.dumps(shipped_evs(tensors), indent=1))
 
 
 if __name__ == "__main__":
