@@ -24,7 +24,7 @@ from mixopt.sae_quality import reconstruction
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE = REPO / "tests" / "fixtures" / "sae_heldout_acts.safetensors"
 # alias -> (layer, explained variance on the fixture as printed by benchmarks/make_sae_fixture.py)
-SHIPPED = {"smollm2-135m-instruct-res-l22": (22, 0.8717)}
+SHIPPED = {"smollm2-135m-instruct-res-l22": (22, 0.8717), "smollm2-135m-instruct-res-l15": (15, 0.8861)}
 
 
 @pytest.mark.parametrize("alias", sorted(SHIPPED))
