@@ -300,8 +300,9 @@ def output_dir(recipe: Any) -> Path:
     "--sweep",
     is_flag=True,
     help="Also re-score under each open setting (top_k, demonstrations, the icl variant, which tokens count, "
-    "grad's update direction, probe's pilot steps, each other shipped SAE of the model at its layer), rank them and apply docs/validation.md's round-2 rule "
-    "(which forecast becomes the default); fine-tunes nothing but probe's short pilots.",
+    "grad's update direction, probe's pilot steps, each other shipped SAE of the model at its layer), rank them "
+    "and apply docs/validation.md's round-2 rule (which forecast becomes the default); fine-tunes nothing but "
+    "probe's short pilots.",
 )
 @click.option(
     "--sweep-only",
