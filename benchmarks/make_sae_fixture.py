@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mixopt.artifacts import BUILTIN_SAES, builtin_sae_dir  # noqa: E402
+from mixopt.artifacts import BUILTIN_SAES, builtin_sae_dir, sae_shape  # noqa: E402
 from mixopt.model import load_model, residual_streams  # noqa: E402
 from mixopt.recipe import SAESpec, load_sae_recipe  # noqa: E402
 from mixopt.sae import load_sae  # noqa: E402
@@ -65,8 +65,9 @@ def shipped_evs(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, float]]
     for alias in BUILTIN_SAES:
         if not (builtin_sae_dir(alias) / "cfg.json").exists():
             continue
-        sae = load_sae(SAESpec(path=alias, layer=0), ROOT, torch.device("cpu"))
-        layer = int(sae.cfg.metadata.hook_name.split(".")[1])
+        shape = sae_shape(SAESpec(path=alias, layer=0), ROOT)
+        assert shape is not None and shape.layer is not None, alias
+        sae, layer = load_sae(SAESpec(path=alias, layer=shape.layer), ROOT, torch.device("cpu")), shape.layer
         quality = reconstruction(sae, tensors[f"layer_{layer}"].float())
         assert math.isfinite(quality.explained_variance)
         evs[alias] = {"explained_variance": round(quality.explained_variance, 4), "mean_l0": quality.mean_l0}

@@ -16,6 +16,7 @@ import hashlib
 import importlib.metadata
 import json
 import os
+import re
 import socket
 from dataclasses import dataclass
 from importlib import resources
@@ -227,6 +228,12 @@ class ModelShape:
 class SAEShape:
     d_in: int  # input width the cfg declares
     hook_name: str | None  # where it was trained, e.g. blocks.22.hook_resid_post
+
+    @property
+    def layer(self) -> int | None:
+        """The block its hook names (22 for blocks.22.hook_resid_post); None without a hook of that form."""
+        hook = re.search(r"blocks\.(\d+)\.", self.hook_name or "")
+        return int(hook.group(1)) if hook else None
 
 
 def _read_json(path: Path, error: type[MixoptError]) -> dict[str, Any]:

@@ -15,7 +15,6 @@ The table: `mixopt.validation.report.sweep_table`.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase as fnmatch
@@ -106,9 +105,8 @@ def sibling_saes(spec: SAESpec, base_dir: Path) -> list[SAESpec]:
         if not (builtin_sae_dir(alias) / "cfg.json").is_file():
             continue  # declared but not shipped in this install
         shape = sae_shape(SAESpec(path=alias, layer=spec.layer), base_dir)
-        hook = re.search(r"blocks\.(\d+)\.", (shape.hook_name if shape else None) or "")
-        if hook:
-            siblings.append(SAESpec(path=alias, layer=int(hook.group(1))))
+        if shape is not None and shape.layer is not None:
+            siblings.append(SAESpec(path=alias, layer=shape.layer))
     return siblings
 
 
